@@ -1,0 +1,45 @@
+"""``spam.classify`` and ``spam.classify_batch``: the task names in :mod:`producer.contract`."""
+
+from __future__ import annotations
+
+from producer.contract import CLASSIFY, CLASSIFY_BATCH, LABEL_HAM, LABEL_SPAM, InvalidInput
+from tasks.validation import check_model, check_text, check_texts
+from worker.celery import app, settings
+from worker.registry import registry
+
+
+@app.task(name=CLASSIFY, throws=(InvalidInput,))
+def classify(text: str, model: str = "auto") -> dict:
+    """Classify one message. Invalid input fails the task with ``InvalidInput`` (not retried)."""
+    text = check_text(text, settings.max_text_chars)
+    name = registry.resolve(check_model(model))
+    score = registry.get(name).score([text])[0]
+    return _result(name, score)
+
+
+@app.task(name=CLASSIFY_BATCH, throws=(InvalidInput,))
+def classify_batch(texts: list, model: str = "auto") -> list[dict]:
+    """Classify many messages in input order; an invalid item gets ``{"error", "index"}``."""
+    texts = check_texts(texts, settings.max_batch_items)
+    name = registry.resolve(check_model(model))
+    results: list[dict | None] = [None] * len(texts)
+    valid: list[tuple[int, str]] = []
+    for i, text in enumerate(texts):
+        try:
+            valid.append((i, check_text(text, settings.max_text_chars)))
+        except InvalidInput as exc:
+            results[i] = {"error": str(exc), "index": i}
+    if valid:
+        scores = registry.get(name).score([t for _, t in valid])
+        for (i, _), score in zip(valid, scores, strict=True):
+            results[i] = _result(name, score)
+    return results  # type: ignore[return-value]
+
+
+def _result(model: str, score) -> dict:
+    return {
+        "label": LABEL_SPAM if score.spam_score >= settings.spam_threshold else LABEL_HAM,
+        "spam_score": score.spam_score,
+        "model": model,
+        "truncated": score.truncated,
+    }

@@ -1,0 +1,32 @@
+"""Celery settings, derived from the worker settings. JSON only; built for long GPU tasks."""
+
+from __future__ import annotations
+
+from worker.settings import Settings
+
+
+def celery_config(settings: Settings) -> dict:
+    return {
+        "broker_url": settings.celery_broker_url,
+        "result_backend": settings.celery_result_backend,
+        # JSON on the wire, never pickle: a pickled message is refused by the consumer.
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        # A task is acknowledged after it ran; a process that dies mid-task gives it back.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "broker_connection_retry_on_startup": True,
+        "broker_transport_options": {"visibility_timeout": 3600},
+        "result_expires": 24 * 3600,
+        "result_extended": True,
+        # Flower shows tasks from these events.
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "task_track_started": True,
+        # Loading a model in a process-start hook takes longer than Celery's default 4 s.
+        "worker_proc_alive_timeout": settings.load_timeout_s,
+        "worker_hijack_root_logger": True,
+    }

@@ -1,0 +1,112 @@
+"""Spam scores from a loaded model, one batched forward pass per chunk of texts.
+
+Two heads: a sequence-classification head (KoELECTRA, or EXAONE with a ``SEQ_CLS`` adapter) and
+an instruction prompt on a causal LM (EXAONE with a ``CAUSAL_LM`` adapter, or zero-shot), whose
+score compares the next-token logits of the spam and ham label words: one forward pass, no
+generation. Decoder inputs are right-padded and read at each text's last real token, so a text
+gets the same positions, and so the same score, alone or in a batch.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from worker.loading.base import LoadedModel
+from worker.loading.plan import PROMPT
+
+log = logging.getLogger(__name__)
+
+SYSTEM_PROMPT = (
+    "You are a spam filter for Korean text messages. Reply with one word: "
+    "'spam' if the message is spam, advertising, phishing or fraud, otherwise 'ham'."
+)
+SPAM_WORD = "spam"
+HAM_WORD = "ham"
+
+
+@dataclass(frozen=True)
+class Score:
+    spam_score: float
+    truncated: bool
+
+
+class SpamClassifier:
+    """Scores texts with one model; ``score`` keeps input order and sorts by length internally."""
+
+    def __init__(self, loaded: LoadedModel, batch_size: int, max_tokens: int | None = None) -> None:
+        self.name = loaded.name
+        self.loaded = loaded
+        self.batch_size = batch_size
+        self.tokenizer = loaded.tokenizer
+        self.device = loaded.placement.device
+        window = _model_window(loaded)
+        self.max_tokens = min(max_tokens, window) if max_tokens else window
+        self.is_prompt = loaded.head == PROMPT
+        self.spam_index = 0 if self.is_prompt else loaded.plan.spam_index
+        if self.is_prompt:
+            self.label_ids = list(_label_token_ids(self.tokenizer))
+        inner = _unwrap(loaded.model)
+        # Decoders are read at the last real token; encoders use their own pooling head.
+        self.head = inner.lm_head if self.is_prompt else getattr(inner, "score", None)
+        self.body = inner.model if self.head is not None else None
+
+    @torch.inference_mode()
+    def score(self, texts: list[str]) -> list[Score]:
+        inputs = [self._prompt(t) for t in texts] if self.is_prompt else texts
+        order = sorted(range(len(inputs)), key=lambda i: len(inputs[i]))
+        results: list[Score | None] = [None] * len(inputs)
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start:start + self.batch_size]
+            for i, score in zip(chunk, self._forward([inputs[i] for i in chunk]), strict=True):
+                results[i] = score
+        return results  # type: ignore[return-value]
+
+    def _forward(self, texts: list[str]) -> list[Score]:
+        full = self.tokenizer(texts, add_special_tokens=not self.is_prompt)["input_ids"]
+        enc = self.tokenizer(
+            texts, add_special_tokens=not self.is_prompt, truncation=True, max_length=self.max_tokens,
+            padding=True, return_tensors="pt",
+        ).to(self.device)
+        truncated = [len(ids) > self.max_tokens for ids in full]
+        if self.head is not None:
+            hidden = self.body(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
+            last = enc["attention_mask"].sum(dim=1) - 1
+            logits = self.head(hidden[torch.arange(hidden.shape[0], device=hidden.device), last])
+            if self.is_prompt:
+                logits = logits[:, self.label_ids]
+        else:
+            logits = self.loaded.model(**enc).logits
+        probs = torch.softmax(logits.float(), dim=-1)[:, self.spam_index]
+        return [Score(float(p), t) for p, t in zip(probs.tolist(), truncated, strict=True)]
+
+    def _prompt(self, text: str) -> str:
+        messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": text}]
+        if getattr(self.tokenizer, "chat_template", None):
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return f"{SYSTEM_PROMPT}\n\nMessage: {text}\nAnswer:"
+
+
+def _model_window(loaded: LoadedModel) -> int:
+    limits = [getattr(loaded.model.config, "max_position_embeddings", None), loaded.tokenizer.model_max_length]
+    return min(int(v) for v in limits if isinstance(v, int) and 0 < v < 1_000_000)
+
+
+def _label_token_ids(tokenizer) -> tuple[int, int]:
+    """First token of each label word as the model would generate it right after the prompt."""
+    ids = []
+    for word in (SPAM_WORD, HAM_WORD):
+        tokens = tokenizer(word, add_special_tokens=False)["input_ids"]
+        if not tokens:
+            raise ValueError(f"the tokenizer encodes the label word {word!r} as nothing")
+        ids.append(tokens[0])
+    if ids[0] == ids[1]:
+        raise ValueError(f"label words {SPAM_WORD!r} and {HAM_WORD!r} start with the same token")
+    return ids[0], ids[1]
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside a PEFT wrapper (LoRA layers stay injected in it)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model

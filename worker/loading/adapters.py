@@ -1,0 +1,114 @@
+"""PEFT adapters: read from a folder, translated to the loaded model's names, attached and verified.
+
+``PeftModel.from_pretrained`` only warns when adapter weights find no module, and does not
+translate ``target_modules`` for checkpoints that transformers renames on load. Here every tensor
+in the adapter file must land in the model with its exact value, and every adapter parameter in
+the model must come from the file; anything else is a :class:`ModelLoadError`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import PeftConfig, PeftModel, get_peft_model
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from worker.errors import ModelLoadError
+from worker.loading import exaone_layout
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """An adapter folder read into memory, with names already translated for the target model."""
+
+    path: Path
+    config: PeftConfig
+    tensors: dict[str, torch.Tensor]
+
+    @property
+    def task_type(self) -> str:
+        return str(self.config.task_type or "")
+
+    def saved_module_tensors(self, module: str) -> dict[str, torch.Tensor]:
+        """Tensors the adapter saves for a ``modules_to_save`` entry (e.g. the classifier head)."""
+        prefix = f"base_model.model.{module}."
+        return {k[len(prefix):]: v for k, v in self.tensors.items() if k.startswith(prefix)}
+
+    def covers(self, base_key: str) -> bool:
+        """Whether a base-model weight is replaced by one of the adapter's saved modules."""
+        return f"base_model.model.{base_key}" in self.tensors
+
+
+def read_adapter(model_name: str, path: Path, base_config: dict) -> Adapter:
+    """Read ``adapter_config.json`` and the weights, translating names for EXAONE checkpoints."""
+    if not path.is_dir():
+        raise ModelLoadError(model_name, f"adapter folder {str(path)!r} does not exist")
+    if not (path / CONFIG_FILE).is_file():
+        raise ModelLoadError(model_name, f"adapter folder {str(path)!r} has no {CONFIG_FILE}")
+    try:
+        config = PeftConfig.from_pretrained(str(path))
+    except (ValueError, TypeError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(model_name, f"unreadable {CONFIG_FILE} in {str(path)!r}: {exc}") from exc
+    config.inference_mode = True
+    tensors = _read_weights(model_name, path)
+    if exaone_layout.is_exaone(base_config):
+        tensors = {exaone_layout.rename_key(k): v for k, v in tensors.items()}
+        config.target_modules = exaone_layout.rename_modules(config.target_modules)
+        config.modules_to_save = exaone_layout.rename_modules(config.modules_to_save)
+        if getattr(config, "layers_pattern", None):
+            config.layers_pattern = exaone_layout.rename_modules(config.layers_pattern)
+    return Adapter(path=path, config=config, tensors=tensors)
+
+
+def _read_weights(model_name: str, path: Path) -> dict[str, torch.Tensor]:
+    for fname in WEIGHT_FILES:
+        file = path / fname
+        if not file.is_file():
+            continue
+        try:
+            if fname.endswith(".safetensors"):
+                return load_file(file)
+            return torch.load(file, map_location="cpu", weights_only=True)
+        except (SafetensorError, OSError, RuntimeError, EOFError) as exc:
+            raise ModelLoadError(model_name, f"corrupt adapter weights {str(file)!r}: {exc}") from exc
+    raise ModelLoadError(model_name, f"adapter folder {str(path)!r} has none of {', '.join(WEIGHT_FILES)}")
+
+
+def attach_adapter(model_name: str, model: torch.nn.Module, adapter: Adapter) -> PeftModel:
+    """Wrap ``model`` with the adapter and prove that every adapter weight is in place."""
+    try:
+        peft_model = get_peft_model(model, adapter.config)
+    except (ValueError, KeyError, RuntimeError) as exc:
+        raise ModelLoadError(model_name, f"adapter {str(adapter.path)!r} does not fit this model: {exc}") from exc
+    try:
+        set_peft_model_state_dict(peft_model, adapter.tensors)
+    except RuntimeError as exc:  # shape mismatch: an adapter trained for another base
+        raise ModelLoadError(model_name, f"adapter {str(adapter.path)!r} does not fit this model: {exc}") from exc
+    _verify(model_name, peft_model, adapter)
+    return peft_model
+
+
+def _verify(model_name: str, peft_model: PeftModel, adapter: Adapter) -> None:
+    loaded = get_peft_model_state_dict(peft_model, save_embedding_layers=False)
+    unused = sorted(set(adapter.tensors) - set(loaded))
+    if unused:
+        raise ModelLoadError(
+            model_name,
+            f"{len(unused)} adapter weights match no module of the model (first: {unused[0]}); "
+            f"the adapter was trained for another base or layout",
+        )
+    missing = sorted(set(loaded) - set(adapter.tensors))
+    if missing:
+        raise ModelLoadError(model_name, f"{len(missing)} adapter weights are not in the file (first: {missing[0]})")
+    for key, value in adapter.tensors.items():
+        got = loaded[key]
+        if got.shape != value.shape or not torch.equal(got, value.to(got.device, got.dtype)):
+            raise ModelLoadError(model_name, f"adapter weight {key} did not load as saved")

@@ -1,0 +1,102 @@
+"""The loader interface: one ``load_model`` template, one subclass per way of getting the weights.
+
+The base class owns the order of steps (resolve what to load, materialise the base model, attach
+and verify the adapter, load the tokenizer) and times each one; a strategy overrides only how the
+base weights are materialised.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from worker.errors import ModelLoadError
+from worker.loading import plan as planning
+from worker.loading.adapters import attach_adapter
+from worker.loading.devices import Placement
+from worker.settings import ModelSource, Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to classify, with what a classifier and the stats need to know about it."""
+
+    name: str
+    model: torch.nn.Module
+    tokenizer: Any
+    plan: planning.LoadPlan
+    placement: Placement
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def head(self) -> str:
+        return self.plan.head
+
+
+class StageTimer:
+    """Wall-clock seconds per load stage, in the order they ran."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 4)
+
+
+class BaseLoader(ABC):
+    """Loads one configured model completely or raises :class:`ModelLoadError`; never half."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def load_model(self, source: ModelSource) -> LoadedModel:
+        timer = StageTimer()
+        try:
+            with timer.stage("resolve"):
+                plan = planning.resolve(source, self.settings)
+                placement = Placement.for_model(source.name, self.settings)
+            with timer.stage("materialise"):
+                model = self.load_base(plan, placement)
+            if plan.adapter is not None:
+                with timer.stage("adapter"):
+                    model = attach_adapter(source.name, model, plan.adapter)
+            with timer.stage("tokenizer"):
+                tokenizer = planning.load_tokenizer(plan, self.settings)
+        except ModelLoadError:
+            raise
+        except torch.cuda.OutOfMemoryError as exc:
+            raise ModelLoadError(source.name, f"out of GPU memory: {_first_line(exc)}") from exc
+        except (OSError, ValueError, RuntimeError, KeyError) as exc:
+            raise ModelLoadError(source.name, f"{type(exc).__name__}: {_first_line(exc)}") from exc
+        model.eval()
+        log.info("loaded %s from %s in %.2fs (%s)", source.name, _where(source.model), sum(timer.seconds.values()),
+                 ", ".join(f"{k} {v:.2f}s" for k, v in timer.seconds.items()))
+        return LoadedModel(source.name, model, tokenizer, plan, placement, timer.seconds)
+
+    @abstractmethod
+    def load_base(self, plan: planning.LoadPlan, placement: Placement) -> torch.nn.Module:
+        """Materialise the base model with every weight from the checkpoint (or the adapter)."""
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or repr(exc)
+    return text.splitlines()[0]
+
+
+def _where(model: str) -> str:
+    return str(Path(model)) if Path(model).exists() else model

@@ -1,0 +1,65 @@
+"""The models of this worker process, loaded once at start-up and read by every task.
+
+Like arq's ``ctx``: the process-start hook fills it, tasks only look things up. Importing this
+module is cheap (no torch), so the task module and Flower can import it too.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from producer.contract import ModelUnavailable
+
+if TYPE_CHECKING:
+    from worker.classifiers import SpamClassifier
+    from worker.settings import Settings
+
+log = logging.getLogger(__name__)
+
+WARMUP_TEXT = "안녕하세요, 내일 회의 시간 확인 부탁드립니다."
+
+
+class ModelRegistry:
+    def __init__(self) -> None:
+        self._models: dict[str, SpamClassifier] = {}
+
+    def preload(self, settings: Settings) -> None:
+        """Load every model in ``PRELOAD_MODELS`` completely, or raise ``ModelLoadError``."""
+        from worker.classifiers import SpamClassifier
+        from worker.loading import get_loader
+
+        loader = get_loader(settings)
+        for name in settings.preload_models:
+            loaded = loader.load_model(settings.source(name))
+            max_tokens = settings.exaone_max_tokens if name == "exaone" else None
+            classifier = SpamClassifier(loaded, settings.batch_size, max_tokens)
+            start = time.perf_counter()
+            classifier.score([WARMUP_TEXT])  # first forward: touches the weights, builds kernels
+            loaded.timings["warmup"] = round(time.perf_counter() - start, 4)
+            self._models[name] = classifier
+            log.info("%s ready: %s", name, ", ".join(f"{k} {v:.2f}s" for k, v in loaded.timings.items()))
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self._models)
+
+    def resolve(self, requested: str) -> str:
+        """Map ``auto`` to a loaded model (KoELECTRA first); other names pass through."""
+        if requested != "auto":
+            return requested
+        for name in ("koelectra", "exaone"):
+            if name in self._models:
+                return name
+        raise ModelUnavailable("this worker process has no model loaded")
+
+    def get(self, name: str) -> SpamClassifier:
+        try:
+            return self._models[name]
+        except KeyError:
+            loaded = ", ".join(self._models) or "none"
+            raise ModelUnavailable(f"model {name!r} is not loaded in this worker (loaded: {loaded})") from None
+
+
+registry = ModelRegistry()

@@ -1,0 +1,153 @@
+"""Worker settings: read once from the environment (and an optional ``.env``), typed and validated.
+
+The variable names are the ones the loading guide this service replaces already used, so existing
+``.env`` files keep working. A bad value stops start-up with a message that names the variable.
+This is the only module that reads ``os.environ`` for the worker.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from dotenv import load_dotenv
+
+from worker.errors import SettingsError
+
+MODEL_NAMES = ("koelectra", "exaone")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+LOADERS = ("transformers",)
+QUANTIZATIONS = ("4bit", "8bit")
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where one model comes from: a Hub id or local folder, plus an optional PEFT adapter folder."""
+
+    name: str
+    model: str
+    adapter_dir: Path | None
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the worker reads from the environment. Field names are the variables, lower-cased."""
+
+    celery_broker_url: str = "redis://localhost:6379/0"
+    celery_result_backend: str = "redis://localhost:6379/1"
+    koelectra_model: str = "monologg/koelectra-small-v3-discriminator"
+    koelectra_adapter_dir: str = "artifacts/koelectra/spam_adapter"
+    exaone_model: str = "LGAI-EXAONE/EXAONE-3.5-2.4B-Instruct"
+    exaone_adapter_dir: str = "artifacts/exaone/spam_adapter"
+    preload_models: tuple[str, ...] = MODEL_NAMES
+    """Models each worker process loads at start: a comma list of ``koelectra``, ``exaone``."""
+    use_safetensors: bool = True
+    low_cpu_mem_usage: bool = True
+    """Accepted for the guide's ``.env`` files; transformers 5 always loads on the meta device."""
+    torch_dtype: str = "auto"
+    """``auto`` (bfloat16 on CUDA, float32 on CPU), ``float32``, ``bfloat16``, ``float16``."""
+    max_memory_gb: float | None = None
+    """Per-GPU memory cap for the EXAONE weights (``device_map="auto"``); unset means no cap."""
+    use_quantization: bool = False
+    """Load EXAONE with bitsandbytes on CUDA (see ``QUANTIZATION_BITS``); ignored on CPU."""
+    quantization_bits: str = "4bit"
+    device: str = "auto"
+    """``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``."""
+    model_loader: str = "transformers"
+    trust_remote_code: bool = False
+    spam_threshold: float = 0.5
+    """A message is labelled spam when its spam score is at least this."""
+    batch_size: int = 16
+    """Texts per forward pass inside a batch task."""
+    max_text_chars: int = 20_000
+    """Longer texts are refused; texts longer than the model's window are truncated and flagged."""
+    max_batch_items: int = 1_000
+    exaone_max_tokens: int = 512
+    """Token window for the EXAONE prompt (longer messages are truncated and flagged)."""
+    load_timeout_s: float = 600.0
+    """How long a worker process may take to load its models before Celery gives up on it."""
+    torch_threads: int = 0
+    """Intra-op threads per worker process; 0 divides the machine's cores among the processes."""
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None, dotenv: bool = True) -> Settings:
+        """Read the settings, loading ``.env`` from the working directory first (it never overrides)."""
+        if env is None:
+            if dotenv:
+                load_dotenv(Path.cwd() / ".env", override=False)
+            env = dict(os.environ)
+        values: dict[str, object] = {}
+        for field in fields(cls):
+            raw = env.get(field.name.upper())
+            if raw is None:
+                continue
+            values[field.name] = _parse(field.name, field.type, raw.strip())
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        unknown = [m for m in self.preload_models if m not in MODEL_NAMES]
+        if unknown:
+            raise SettingsError("PRELOAD_MODELS", f"unknown model {unknown[0]!r}; choose from {', '.join(MODEL_NAMES)}")
+        _choice("TORCH_DTYPE", self.torch_dtype, DTYPES)
+        _choice("MODEL_LOADER", self.model_loader, LOADERS)
+        _choice("QUANTIZATION_BITS", self.quantization_bits, QUANTIZATIONS)
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")
+                and self.device[5:].isdigit()):
+            raise SettingsError("DEVICE", f"{self.device!r} is not one of auto, cpu, cuda, cuda:N")
+        if self.max_memory_gb is not None and self.max_memory_gb <= 0:
+            raise SettingsError("MAX_MEMORY_GB", "must be a positive number of GB")
+        for name in ("batch_size", "max_text_chars", "max_batch_items", "exaone_max_tokens"):
+            if getattr(self, name) < 1:
+                raise SettingsError(name.upper(), "must be at least 1")
+        if not 0.0 <= self.spam_threshold <= 1.0:
+            raise SettingsError("SPAM_THRESHOLD", "must be between 0 and 1")
+        if self.torch_threads < 0:
+            raise SettingsError("TORCH_THREADS", "must be 0 (automatic) or a positive count")
+        if self.load_timeout_s <= 0:
+            raise SettingsError("LOAD_TIMEOUT_S", "must be a positive number of seconds")
+        for name in ("celery_broker_url", "celery_result_backend"):
+            if "://" not in getattr(self, name):
+                raise SettingsError(name.upper(), "must be a URL such as redis://host:6379/0")
+
+    def source(self, name: str) -> ModelSource:
+        """The model id and adapter folder configured for ``name``; an empty adapter dir means none."""
+        model = getattr(self, f"{name}_model")
+        adapter = getattr(self, f"{name}_adapter_dir")
+        return ModelSource(name=name, model=model, adapter_dir=Path(adapter).expanduser() if adapter else None)
+
+
+def _parse(name: str, kind: object, raw: str) -> object:
+    var = name.upper()
+    kind = str(kind)
+    if kind == "bool":
+        if raw.lower() in _TRUE:
+            return True
+        if raw.lower() in _FALSE:
+            return False
+        raise SettingsError(var, f"{raw!r} is not a boolean (use true or false)")
+    if kind == "int":
+        try:
+            return int(raw)
+        except ValueError:
+            raise SettingsError(var, f"{raw!r} is not a whole number") from None
+    if kind in ("float", "float | None"):
+        if not raw and kind != "float":
+            return None
+        try:
+            return float(raw)
+        except ValueError:
+            raise SettingsError(var, f"{raw!r} is not a number") from None
+    if kind == "tuple[str, ...]":
+        return tuple(dict.fromkeys(p.strip().lower() for p in raw.split(",") if p.strip()))
+    return raw.lower() if name in ("torch_dtype", "device", "model_loader", "quantization_bits") else raw
+
+
+def _choice(var: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise SettingsError(var, f"{value!r} is not one of {', '.join(allowed)}")

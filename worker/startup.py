@@ -1,0 +1,145 @@
+"""Preload the models once per worker process, and refuse to run when they cannot load.
+
+- prefork: each child loads in ``worker_process_init``; the heavy libraries are imported once in
+  the main process before the fork, so children start with them in shared memory.
+- solo, threads (and other non-forking pools): the main process loads them while the worker is
+  being built, before the consumer exists (``worker_process_init`` never fires for threads).
+
+Celery logs and swallows exceptions from ``worker_process_init``, so a child whose load failed
+would serve with no model, and a child that exits is respawned forever. Instead the child records
+one line in memory shared with the main process and waits without taking a task; the main process
+prints that line, starts a warm shutdown with exit code 1 (unacknowledged messages go back to the
+queue) and releases the waiting children.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import multiprocessing
+import os
+import sys
+import threading
+import time
+
+from celery import bootsteps
+from celery.signals import worker_process_init
+from celery.worker import state
+
+from worker.errors import ModelLoadError
+from worker.registry import registry
+from worker.settings import Settings
+
+log = logging.getLogger(__name__)
+
+EX_LOAD_FAILED = 1
+_CHECK_INTERVAL_S = 0.2
+
+
+class _Shared:
+    """State created in the main process before the fork and inherited by every child."""
+
+    main_pid: int = 0
+    forks: bool = False
+    failure: multiprocessing.Array | None = None  # type: ignore[valid-type]
+    release: multiprocessing.Value | None = None  # type: ignore[valid-type]
+    threads: int = 1
+
+
+def install(app, settings: Settings) -> None:
+    """Register the start-up bootstep and the per-process hook on ``app``."""
+
+    class Preload(bootsteps.StartStopStep):
+        """Import the libraries before the pool forks; load in-process for non-forking pools."""
+
+        requires = ("celery.worker.components:Pool",)
+
+        def __init__(self, worker, **kwargs):
+            super().__init__(worker, **kwargs)
+            _Shared.main_pid = os.getpid()
+            _Shared.forks = worker.pool_cls.__module__ == "celery.concurrency.prefork"
+            _import_libraries()
+            _set_threads(settings, worker.concurrency if _Shared.forks else 1)
+            if _Shared.forks:
+                context = multiprocessing.get_context("fork")
+                _Shared.failure = context.Array(ctypes.c_char, 2048)
+                _Shared.release = context.Value(ctypes.c_bool, False)
+            else:
+                _load_or_exit(settings)
+
+        def start(self, worker):
+            if _Shared.forks:
+                threading.Thread(target=_watch_children, name="load-watch", daemon=True).start()
+
+        def stop(self, worker):
+            # Runs before the pool stops (this step requires it): let waiting children exit.
+            if _Shared.release is not None:
+                _Shared.release.value = True
+
+        terminate = stop
+
+    app.steps["worker"].add(Preload)
+
+    @worker_process_init.connect(weak=False)
+    def _load_in_child(**_):
+        if os.getpid() == _Shared.main_pid or not _Shared.forks:
+            return  # solo fires this in the main process, which already loaded
+        import torch
+
+        torch.set_num_threads(_Shared.threads)
+        try:
+            registry.preload(settings)
+        except Exception as exc:  # noqa: BLE001 - every cause must stop the worker, not a swallowed log
+            line = _failure_line(exc)
+            log.critical("%s", line)
+            with _Shared.failure.get_lock():
+                _Shared.failure.value = line.encode("utf-8", "replace")[:2000]
+            # Never take a task: wait until the main process is shutting down, then leave.
+            while not _Shared.release.value:
+                time.sleep(_CHECK_INTERVAL_S)
+            os._exit(EX_LOAD_FAILED)
+
+
+def _load_or_exit(settings: Settings) -> None:
+    try:
+        registry.preload(settings)
+    except Exception as exc:  # noqa: BLE001
+        line = _failure_line(exc)
+        log.critical("%s", line)
+        print(f"worker: {line}", file=sys.stderr, flush=True)
+        raise SystemExit(EX_LOAD_FAILED) from None
+
+
+def _watch_children() -> None:
+    while True:
+        time.sleep(_CHECK_INTERVAL_S)
+        value = _Shared.failure.value
+        if value:
+            log.critical("stopping the worker: %s", value.decode("utf-8", "replace"))
+            state.should_stop = EX_LOAD_FAILED
+            return
+
+
+def _failure_line(exc: BaseException) -> str:
+    if isinstance(exc, ModelLoadError):
+        return str(exc)
+    first = (str(exc).strip().splitlines() or [repr(exc)])[0]
+    return f"cannot load models: {type(exc).__name__}: {first}"
+
+
+def _import_libraries() -> None:
+    """Import torch, transformers and PEFT once (seconds) and quiet their load-time chatter."""
+    import peft  # noqa: F401
+    import torch  # noqa: F401
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+
+
+def _set_threads(settings: Settings, processes: int) -> None:
+    """Share the cores among the worker processes instead of oversubscribing them."""
+    import torch
+
+    _Shared.threads = settings.torch_threads or max(1, (os.cpu_count() or 1) // max(1, processes))
+    torch.set_num_threads(_Shared.threads)
