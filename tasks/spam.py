@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from producer.contract import CLASSIFY, CLASSIFY_BATCH, LABEL_HAM, LABEL_SPAM, InvalidInput
+from producer.contract import CLASSIFY, CLASSIFY_BATCH, LABEL_HAM, LABEL_SPAM, InvalidInput, ModelUnavailable
 from tasks.validation import check_model, check_text, check_texts
 from worker.celery import app, settings
 from worker.registry import registry
 
 
-@app.task(name=CLASSIFY, throws=(InvalidInput,))
+@app.task(name=CLASSIFY, throws=(InvalidInput, ModelUnavailable))
 def classify(text: str, model: str = "auto") -> dict:
     """Classify one message. Invalid input fails the task with ``InvalidInput`` (not retried)."""
     text = check_text(text, settings.max_text_chars)
@@ -17,7 +17,7 @@ def classify(text: str, model: str = "auto") -> dict:
     return _result(name, score)
 
 
-@app.task(name=CLASSIFY_BATCH, throws=(InvalidInput,))
+@app.task(name=CLASSIFY_BATCH, throws=(InvalidInput, ModelUnavailable))
 def classify_batch(texts: list, model: str = "auto") -> list[dict]:
     """Classify many messages in input order; an invalid item gets ``{"error", "index"}``."""
     texts = check_texts(texts, settings.max_batch_items)

@@ -45,6 +45,10 @@ class SpamClassifier:
         window = _model_window(loaded)
         self.max_tokens = min(max_tokens, window) if max_tokens else window
         self.is_prompt = loaded.head == PROMPT
+        self._overhead: int | None = None
+        if self.is_prompt and self._prompt_overhead >= self.max_tokens:
+            raise ValueError(f"the prompt alone takes {self._prompt_overhead} tokens; EXAONE_MAX_TOKENS "
+                             f"({self.max_tokens}) leaves no room for the message")
         self.spam_index = 0 if self.is_prompt else loaded.plan.spam_index
         if self.is_prompt:
             self.label_ids = list(_label_token_ids(self.tokenizer))
@@ -55,22 +59,24 @@ class SpamClassifier:
 
     @torch.inference_mode()
     def score(self, texts: list[str]) -> list[Score]:
-        inputs = [self._prompt(t) for t in texts] if self.is_prompt else texts
+        if self.is_prompt:
+            inputs, truncated = zip(*(self._fit_prompt(t) for t in texts), strict=True)
+        else:
+            inputs, truncated = texts, self._encoder_truncation(texts)
         order = sorted(range(len(inputs)), key=lambda i: len(inputs[i]))
         results: list[Score | None] = [None] * len(inputs)
         for start in range(0, len(order), self.batch_size):
             chunk = order[start:start + self.batch_size]
-            for i, score in zip(chunk, self._forward([inputs[i] for i in chunk]), strict=True):
-                results[i] = score
+            probs = self._forward([inputs[i] for i in chunk])
+            for i, p in zip(chunk, probs, strict=True):
+                results[i] = Score(p, truncated[i])
         return results  # type: ignore[return-value]
 
-    def _forward(self, texts: list[str]) -> list[Score]:
-        full = self.tokenizer(texts, add_special_tokens=not self.is_prompt)["input_ids"]
+    def _forward(self, texts: list[str]) -> list[float]:
         enc = self.tokenizer(
-            texts, add_special_tokens=not self.is_prompt, truncation=True, max_length=self.max_tokens,
-            padding=True, return_tensors="pt",
+            texts, add_special_tokens=not self.is_prompt, truncation=not self.is_prompt,
+            max_length=self.max_tokens, padding=True, return_tensors="pt",
         ).to(self.device)
-        truncated = [len(ids) > self.max_tokens for ids in full]
         if self.head is not None:
             hidden = self.body(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
             last = enc["attention_mask"].sum(dim=1) - 1
@@ -79,8 +85,25 @@ class SpamClassifier:
                 logits = logits[:, self.label_ids]
         else:
             logits = self.loaded.model(**enc).logits
-        probs = torch.softmax(logits.float(), dim=-1)[:, self.spam_index]
-        return [Score(float(p), t) for p, t in zip(probs.tolist(), truncated, strict=True)]
+        return torch.softmax(logits.float(), dim=-1)[:, self.spam_index].tolist()
+
+    def _encoder_truncation(self, texts: list[str]) -> list[bool]:
+        lengths = self.tokenizer(texts, add_special_tokens=True, return_length=True)["length"]
+        return [n > self.max_tokens for n in lengths]
+
+    def _fit_prompt(self, text: str) -> tuple[str, bool]:
+        """The prompt for ``text``, cutting the message (never the instructions) to fit the window."""
+        budget = self.max_tokens - self._prompt_overhead
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) <= budget:
+            return self._prompt(text), False
+        return self._prompt(self.tokenizer.decode(ids[:budget])), True
+
+    @property
+    def _prompt_overhead(self) -> int:
+        if self._overhead is None:
+            self._overhead = len(self.tokenizer(self._prompt(""), add_special_tokens=False)["input_ids"]) + 1
+        return self._overhead
 
     def _prompt(self, text: str) -> str:
         messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": text}]

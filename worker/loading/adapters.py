@@ -82,6 +82,20 @@ def _read_weights(model_name: str, path: Path) -> dict[str, torch.Tensor]:
     raise ModelLoadError(model_name, f"adapter folder {str(path)!r} has none of {', '.join(WEIGHT_FILES)}")
 
 
+def check_fits(model_name: str, model: torch.nn.Module, adapter: Adapter) -> None:
+    """Every module the adapter names must exist in the base model, or it was made for another base."""
+    modules = {name for name, _ in model.named_modules()}
+    prefix = "base_model.model."
+    for key in adapter.tensors:
+        body = key[len(prefix):] if key.startswith(prefix) else key
+        path = body.split(".lora_")[0] if ".lora_" in body else body.rsplit(".", 1)[0]
+        if path not in modules:
+            raise ModelLoadError(
+                model_name, f"adapter {str(adapter.path)!r} does not fit this model: it names module {path!r}, "
+                f"which the base model lacks (an adapter for another base or layout?)"
+            )
+
+
 def attach_adapter(model_name: str, model: torch.nn.Module, adapter: Adapter) -> PeftModel:
     """Wrap ``model`` with the adapter and prove that every adapter weight is in place."""
     try:

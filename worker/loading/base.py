@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from worker.errors import ModelLoadError
 from worker.loading import plan as planning
-from worker.loading.adapters import attach_adapter
+from worker.loading.adapters import attach_adapter, check_fits
 from worker.loading.devices import Placement
 from worker.settings import ModelSource, Settings
 
@@ -71,7 +72,10 @@ class BaseLoader(ABC):
                 plan = planning.resolve(source, self.settings)
                 placement = Placement.for_model(source.name, self.settings)
             with timer.stage("materialise"):
-                model = self.load_base(plan, placement)
+                model, missing = self.load_base(plan, placement)
+            if plan.adapter is not None:
+                check_fits(source.name, model, plan.adapter)
+            _check_complete(plan, missing)
             if plan.adapter is not None:
                 with timer.stage("adapter"):
                     model = attach_adapter(source.name, model, plan.adapter)
@@ -81,7 +85,7 @@ class BaseLoader(ABC):
             raise
         except torch.cuda.OutOfMemoryError as exc:
             raise ModelLoadError(source.name, f"out of GPU memory: {_first_line(exc)}") from exc
-        except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as exc:
             raise ModelLoadError(source.name, f"{type(exc).__name__}: {_first_line(exc)}") from exc
         model.eval()
         log.info("loaded %s from %s in %.2fs (%s)", source.name, _where(source.model), sum(timer.seconds.values()),
@@ -89,8 +93,18 @@ class BaseLoader(ABC):
         return LoadedModel(source.name, model, tokenizer, plan, placement, timer.seconds)
 
     @abstractmethod
-    def load_base(self, plan: planning.LoadPlan, placement: Placement) -> torch.nn.Module:
-        """Materialise the base model with every weight from the checkpoint (or the adapter)."""
+    def load_base(self, plan: planning.LoadPlan, placement: Placement) -> tuple[torch.nn.Module, set[str]]:
+        """Materialise the base model; return it with the names of weights the checkpoint lacked."""
+
+
+def _check_complete(plan: planning.LoadPlan, missing: set[str]) -> None:
+    """A weight neither the checkpoint nor the adapter supplies would be random: refuse it."""
+    supplied = plan.adapter.covers if plan.adapter is not None else (lambda key: False)
+    left = sorted(k for k in missing if not supplied(k))
+    if left:
+        raise ModelLoadError(
+            plan.name, f"{len(left)} weights missing from {plan.model_id!r} would be left random (first: {left[0]})"
+        )
 
 
 def _first_line(exc: BaseException) -> str:

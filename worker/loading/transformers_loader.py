@@ -17,7 +17,7 @@ from worker.loading.plan import LoadPlan
 
 
 class TransformersLoader(BaseLoader):
-    def load_base(self, plan: LoadPlan, placement: Placement) -> torch.nn.Module:
+    def load_base(self, plan: LoadPlan, placement: Placement) -> tuple[torch.nn.Module, set[str]]:
         model, info = plan.model_class.from_pretrained(
             plan.model_id,
             config=plan.config,
@@ -26,14 +26,7 @@ class TransformersLoader(BaseLoader):
             output_loading_info=True,
             **placement.from_pretrained_kwargs(),
         )
-        supplied = plan.adapter.covers if plan.adapter is not None else (lambda key: False)
-        missing = sorted(k for k in info["missing_keys"] if not supplied(k))
-        if missing:
-            raise ModelLoadError(
-                plan.name, f"{len(missing)} weights missing from {plan.model_id!r} would be left random "
-                f"(first: {missing[0]})"
-            )
         if info["mismatched_keys"]:
             first = sorted(info["mismatched_keys"])[0]
             raise ModelLoadError(plan.name, f"weights with the wrong shape in {plan.model_id!r} (first: {first})")
-        return model
+        return model, set(info["missing_keys"])
