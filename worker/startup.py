@@ -7,9 +7,10 @@
 
 Celery logs and swallows exceptions from ``worker_process_init``, so a child whose load failed
 would serve with no model, and a child that exits is respawned forever. Instead the child records
-one line in memory shared with the main process and waits without taking a task; the main process
-prints that line, starts a warm shutdown with exit code 1 (unacknowledged messages go back to the
-queue) and releases the waiting children.
+one line in memory shared with the main process and waits without taking a task. The main process
+starts consuming only once every child has loaded; if one fails it logs that line and shuts down
+with exit code 1 before fetching a message (later, for a respawned child, it shuts down warm so
+unacknowledged messages go back to the queue), then releases the waiting children.
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ import os
 import sys
 import threading
 import time
+import warnings
 
 from celery import bootsteps
+from celery.exceptions import WorkerShutdown
 from celery.signals import worker_process_init
 from celery.worker import state
 
@@ -43,6 +46,7 @@ class _Shared:
     forks: bool = False
     failure: multiprocessing.Array | None = None  # type: ignore[valid-type]
     release: multiprocessing.Value | None = None  # type: ignore[valid-type]
+    loaded: multiprocessing.Value | None = None  # type: ignore[valid-type]
     threads: int = 1
 
 
@@ -64,11 +68,14 @@ def install(app, settings: Settings) -> None:
                 context = multiprocessing.get_context("fork")
                 _Shared.failure = context.Array(ctypes.c_char, 2048)
                 _Shared.release = context.Value(ctypes.c_bool, False)
+                _Shared.loaded = context.Value(ctypes.c_int, 0)
             else:
                 _load_or_exit(settings)
 
         def start(self, worker):
+            # The consumer starts after this step: no message is fetched until every child is ready.
             if _Shared.forks:
+                _wait_for_children(worker.concurrency, settings.load_timeout_s)
                 threading.Thread(target=_watch_children, name="load-watch", daemon=True).start()
 
         def stop(self, worker):
@@ -89,6 +96,8 @@ def install(app, settings: Settings) -> None:
         torch.set_num_threads(_Shared.threads)
         try:
             registry.preload(settings)
+            with _Shared.loaded.get_lock():
+                _Shared.loaded.value += 1
         except Exception as exc:  # noqa: BLE001 - every cause must stop the worker, not a swallowed log
             line = _failure_line(exc)
             log.critical("%s", line)
@@ -110,7 +119,21 @@ def _load_or_exit(settings: Settings) -> None:
         raise SystemExit(EX_LOAD_FAILED) from None
 
 
+def _wait_for_children(count: int, timeout: float) -> None:
+    start = time.monotonic()
+    while _Shared.loaded.value < count:
+        if _Shared.failure.value:
+            log.critical("stopping the worker: %s", _Shared.failure.value.decode("utf-8", "replace"))
+            raise WorkerShutdown(EX_LOAD_FAILED)
+        if time.monotonic() - start > timeout:
+            log.critical("stopping the worker: models not loaded after %.0fs (LOAD_TIMEOUT_S)", timeout)
+            raise WorkerShutdown(EX_LOAD_FAILED)
+        time.sleep(0.05)
+    log.info("%d worker processes loaded their models in %.2fs", count, time.monotonic() - start)
+
+
 def _watch_children() -> None:
+    """After start-up: a respawned child that cannot load stops the worker too."""
     while True:
         time.sleep(_CHECK_INTERVAL_S)
         value = _Shared.failure.value
@@ -134,6 +157,8 @@ def _import_libraries() -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
+    # PEFT calls an API transformers deprecates; the warning is not ours to act on.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
     transformers.logging.disable_progress_bar()
 
 
