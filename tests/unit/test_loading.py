@@ -47,7 +47,6 @@ def test_exaone_without_tie_key_ties_lm_head_to_embeddings(models):
     raw = json.loads((models.exaone / "config.json").read_text())
     assert "tie_word_embeddings" not in raw
     model = load("exaone", models.exaone, None).model
-    embed = load_file(next(models.exaone.glob("model-0000*.safetensors")))  # noqa: F841 - layout sanity
     assert torch.equal(model.lm_head.weight, model.model.embed_tokens.weight)
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
 

@@ -1,0 +1,94 @@
+"""The producer side: no torch needed to enqueue, and the batch CLI over files end to end."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import redis
+
+from tests.conftest import ROOT
+from tests.integration.helpers import client_for, wait_until_serving
+
+pytestmark = pytest.mark.integration
+
+BLOCK_HEAVY_IMPORTS = textwrap.dedent("""
+    import importlib.abc, sys
+
+    class Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in {"torch", "transformers", "peft", "safetensors", "worker", "tasks"}:
+                raise ImportError(f"{name} is not available to producers")
+
+    sys.meta_path.insert(0, Block())
+""")
+
+
+def test_producer_enqueues_with_torch_unavailable(redis_server):
+    broker, backend = redis_server.fresh_pair()
+    script = BLOCK_HEAVY_IMPORTS + textwrap.dedent(f"""
+        try:
+            import torch
+        except ImportError:
+            pass
+        else:
+            raise SystemExit("torch was importable")
+        from producer import SpamClient, make_app
+        from producer.settings import ProducerSettings
+        client = SpamClient(make_app(ProducerSettings({broker!r}, {backend!r})))
+        print(client.submit("무료 쿠폰 당첨", model="exaone").id)
+        print(client.submit_batch(["a", "b"]).id)
+        assert not any(m.split(".")[0] in {{"torch", "worker", "tasks"}} for m in sys.modules)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    single_id, batch_id = out.stdout.split()
+    messages = [json.loads(m) for m in redis.Redis.from_url(broker).lrange("celery", 0, -1)]
+    by_id = {m["headers"]["id"]: m for m in messages}
+    assert by_id[single_id]["headers"]["task"] == "spam.classify"
+    assert by_id[single_id]["content-type"] == "application/json"
+    args, kwargs, _ = json.loads(base64.b64decode(by_id[single_id]["body"]))
+    assert args == ["무료 쿠폰 당첨"] and kwargs == {"model": "exaone"}
+    assert by_id[batch_id]["headers"]["task"] == "spam.classify_batch"
+
+
+def test_batch_cli_classifies_a_csv_file_in_order(prefork_worker, tmp_path):
+    client = client_for(prefork_worker)
+    wait_until_serving(prefork_worker, client)
+    texts = [f"메시지 {i}: {'무료 쿠폰 당첨' if i % 3 == 0 else '내일 회의 확인'}" for i in range(45)]
+    texts[7] = ""
+    source = tmp_path / "in.csv"
+    with source.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["id", "text"])
+        writer.writerows([i, t] for i, t in enumerate(texts))
+    out = tmp_path / "out.jsonl"
+    env = {"CELERY_BROKER_URL": prefork_worker.broker_url, "CELERY_RESULT_BACKEND": prefork_worker.backend_url,
+           "PATH": "/usr/bin:/bin"}
+    run = subprocess.run(
+        [sys.executable, "-m", "producer", "batch", str(source), "--out", str(out), "--chunk-size", "8",
+         "--model", "koelectra"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "45 records, 1 errors" in run.stderr
+    rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert [r["index"] for r in rows] == list(range(45))
+    assert rows[7]["error"] == "text is empty"
+    expected = client.submit_batch([t for t in texts if t], "koelectra").get(timeout=60)
+    got = [r for r in rows if "error" not in r]
+    assert [r["spam_score"] for r in got] == pytest.approx([e["spam_score"] for e in expected], abs=1e-6)
+    client.close()
+
+
+def test_classify_cli_prints_json(prefork_worker):
+    env = {"CELERY_BROKER_URL": prefork_worker.broker_url, "CELERY_RESULT_BACKEND": prefork_worker.backend_url}
+    cmd = [sys.executable, "-m", "producer", "classify", "무료 쿠폰 당첨! 지금 클릭", "--model", "exaone"]
+    run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout)
+    assert result["model"] == "exaone" and result["label"] in ("spam", "ham")
