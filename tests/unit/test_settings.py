@@ -58,3 +58,15 @@ def test_dotenv_fills_but_never_overrides(tmp_path, monkeypatch):
     s = Settings.from_env()
     assert s.torch_dtype == "bfloat16" and s.batch_size == 5
     monkeypatch.delenv("TORCH_DTYPE")  # load_dotenv wrote it into os.environ
+
+
+def test_env_example_documents_every_variable_and_parses():
+    from dataclasses import fields
+
+    from dotenv import dotenv_values
+
+    path = Path(__file__).resolve().parents[2] / ".env.example"
+    text = path.read_text()
+    assert [f.name.upper() for f in fields(Settings) if f.name.upper() not in text] == []
+    values = {k: v for k, v in dotenv_values(path).items() if v is not None}
+    Settings.from_env(values, dotenv=False)
