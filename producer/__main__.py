@@ -2,6 +2,7 @@
 
     python -m producer classify "무료 쿠폰 당첨! 지금 클릭"
     python -m producer batch messages.csv --out results.jsonl
+    python -m producer stats
 """
 
 from __future__ import annotations
@@ -36,9 +37,16 @@ def main(argv: list[str] | None = None) -> int:
     many.add_argument("--chunk-size", type=int, default=64, help="texts per batch task")
     many.add_argument("--no-progress", action="store_true")
 
+    sub.add_parser("stats", help="print every worker's models, load figures and memory")
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     with SpamClient(timeout=args.timeout) as client:
+        if args.command == "stats":
+            from producer.stats_table import render
+
+            print(render(client.app.control.inspect(timeout=min(args.timeout, 2.0)).stats() or {}))
+            return 0
         if args.command == "classify":
             print(json.dumps(client.classify(args.text, args.model), ensure_ascii=False))
             return 0

@@ -11,6 +11,7 @@ import time
 from typing import TYPE_CHECKING
 
 from producer.contract import ModelUnavailable
+from worker.stats import process_stats
 
 if TYPE_CHECKING:
     from worker.classifiers import SpamClassifier
@@ -39,6 +40,7 @@ class ModelRegistry:
             classifier.score([WARMUP_TEXT])  # first forward: touches the weights, builds kernels
             loaded.timings["warmup"] = round(time.perf_counter() - start, 4)
             self._models[name] = classifier
+            process_stats.record_load(name, loaded)
             log.info("%s ready: %s", name, ", ".join(f"{k} {v:.2f}s" for k, v in loaded.timings.items()))
 
     @property

@@ -23,12 +23,15 @@ import sys
 import threading
 import time
 import warnings
+from pathlib import Path
 
+from billiard.process import current_process
 from celery import bootsteps
 from celery.exceptions import WorkerShutdown
 from celery.signals import worker_process_init
 from celery.worker import state
 
+from worker import stats
 from worker.errors import ModelLoadError
 from worker.registry import registry
 from worker.settings import Settings
@@ -48,6 +51,7 @@ class _Shared:
     release: multiprocessing.Value | None = None  # type: ignore[valid-type]
     loaded: multiprocessing.Value | None = None  # type: ignore[valid-type]
     threads: int = 1
+    stats_folder: Path = Path()
 
 
 def install(app, settings: Settings) -> None:
@@ -61,6 +65,7 @@ def install(app, settings: Settings) -> None:
         def __init__(self, worker, **kwargs):
             super().__init__(worker, **kwargs)
             _Shared.main_pid = os.getpid()
+            _Shared.stats_folder = stats.make_folder()
             _Shared.forks = worker.pool_cls.__module__ == "celery.concurrency.prefork"
             _import_libraries()
             _set_threads(settings, worker.concurrency if _Shared.forks else 1)
@@ -71,6 +76,7 @@ def install(app, settings: Settings) -> None:
                 _Shared.loaded = context.Value(ctypes.c_int, 0)
             else:
                 _load_or_exit(settings)
+                stats.process_stats.attach(_Shared.stats_folder, "main")
 
         def start(self, worker):
             # The consumer starts after this step: no message is fetched until every child is ready.
@@ -82,6 +88,17 @@ def install(app, settings: Settings) -> None:
             # Runs before the pool stops (this step requires it): let waiting children exit.
             if _Shared.release is not None:
                 _Shared.release.value = True
+
+        def shutdown(self, worker):
+            stats.remove_folder(_Shared.stats_folder)
+
+        def info(self, worker):
+            """Extra ``inspect stats`` keys, shown by Flower: every live process's figures."""
+            if _Shared.forks:
+                live = set(worker.pool.info.get("processes", []))
+            else:
+                live = {os.getpid()}
+            return stats.collect(_Shared.stats_folder, live)
 
         terminate = stop
 
@@ -96,6 +113,7 @@ def install(app, settings: Settings) -> None:
         torch.set_num_threads(_Shared.threads)
         try:
             registry.preload(settings)
+            stats.process_stats.attach(_Shared.stats_folder, f"child{current_process().index}")
             with _Shared.loaded.get_lock():
                 _Shared.loaded.value += 1
         except Exception as exc:  # noqa: BLE001 - every cause must stop the worker, not a swallowed log

@@ -38,6 +38,10 @@ class LoadedModel:
     plan: planning.LoadPlan
     placement: Placement
     timings: dict[str, float] = field(default_factory=dict)
+    source: str = "checkpoint"
+    """``checkpoint`` (the published files, converted on load) or a strategy's own cache."""
+    bytes_read: int = 0
+    """Size of the weight files this load had to read (base checkpoint and adapter)."""
 
     @property
     def head(self) -> str:
@@ -90,7 +94,15 @@ class BaseLoader(ABC):
         model.eval()
         log.info("loaded %s from %s in %.2fs (%s)", source.name, _where(source.model), sum(timer.seconds.values()),
                  ", ".join(f"{k} {v:.2f}s" for k, v in timer.seconds.items()))
-        return LoadedModel(source.name, model, tokenizer, plan, placement, timer.seconds)
+        return LoadedModel(source.name, model, tokenizer, plan, placement, timer.seconds,
+                           bytes_read=self.bytes_read(plan))
+
+    def bytes_read(self, plan: planning.LoadPlan) -> int:
+        """Bytes of weights behind this load; 0 when the files cannot be found locally."""
+        files = planning.weight_files(plan.model_id, self.settings.use_safetensors)
+        if plan.adapter is not None:
+            files += [f for f in plan.adapter.path.glob("adapter_model.*") if f.is_file()]
+        return sum(f.stat().st_size for f in files)
 
     @abstractmethod
     def load_base(self, plan: planning.LoadPlan, placement: Placement) -> tuple[torch.nn.Module, set[str]]:

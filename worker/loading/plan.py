@@ -150,3 +150,23 @@ def load_tokenizer(plan: LoadPlan, settings: Settings) -> Any:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def weight_files(model_id: str, use_safetensors: bool) -> list[Path]:
+    """The checkpoint's weight files, from a local folder or the local Hub cache (never downloads)."""
+    folder = Path(model_id)
+    if not folder.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(model_id, local_files_only=True))
+        except Exception:  # noqa: BLE001 - not cached locally: no figure rather than a failed load
+            return []
+    for suffix in (".safetensors",) if use_safetensors else (".safetensors", ".bin"):
+        index = folder / f"{'model' if suffix == '.safetensors' else 'pytorch_model'}{suffix}.index.json"
+        if index.is_file():
+            return [folder / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+        files = sorted(folder.glob(f"*{suffix}"))
+        if files:
+            return files
+    return []
