@@ -72,6 +72,8 @@ class Settings:
     """How long a worker process may take to load its models before Celery gives up on it."""
     torch_threads: int = 0
     """Intra-op threads per worker process; 0 divides the machine's cores among the processes."""
+    metrics_port: int = 0
+    """Port of the worker's Prometheus endpoint; 0 (the default) turns it off."""
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, dotenv: bool = True) -> Settings:
@@ -107,6 +109,8 @@ class Settings:
                 raise SettingsError(name.upper(), "must be at least 1")
         if not 0.0 <= self.spam_threshold <= 1.0:
             raise SettingsError("SPAM_THRESHOLD", "must be between 0 and 1")
+        if not 0 <= self.metrics_port <= 65535:
+            raise SettingsError("METRICS_PORT", "must be a TCP port (1-65535), or 0 for no endpoint")
         if self.torch_threads < 0:
             raise SettingsError("TORCH_THREADS", "must be 0 (automatic) or a positive count")
         if self.load_timeout_s <= 0:

@@ -31,7 +31,7 @@ from celery.exceptions import WorkerShutdown
 from celery.signals import worker_process_init
 from celery.worker import state
 
-from worker import stats
+from worker import metrics, stats
 from worker.errors import ModelLoadError
 from worker.registry import registry
 from worker.settings import Settings
@@ -52,6 +52,7 @@ class _Shared:
     loaded: multiprocessing.Value | None = None  # type: ignore[valid-type]
     threads: int = 1
     stats_folder: Path = Path()
+    metrics_folder: Path = Path()
 
 
 def install(app, settings: Settings) -> None:
@@ -66,6 +67,8 @@ def install(app, settings: Settings) -> None:
             super().__init__(worker, **kwargs)
             _Shared.main_pid = os.getpid()
             _Shared.stats_folder = stats.make_folder()
+            if settings.metrics_port:
+                _Shared.metrics_folder = metrics.enable()
             _Shared.forks = worker.pool_cls.__module__ == "celery.concurrency.prefork"
             _import_libraries()
             _set_threads(settings, worker.concurrency if _Shared.forks else 1)
@@ -79,6 +82,8 @@ def install(app, settings: Settings) -> None:
                 stats.process_stats.attach(_Shared.stats_folder, "main")
 
         def start(self, worker):
+            if settings.metrics_port:
+                metrics.serve(settings.metrics_port, _Shared.metrics_folder, lambda: _live_pids(worker))
             # The consumer starts after this step: no message is fetched until every child is ready.
             if _Shared.forks:
                 _wait_for_children(worker.concurrency, settings.load_timeout_s)
@@ -94,11 +99,7 @@ def install(app, settings: Settings) -> None:
 
         def info(self, worker):
             """Extra ``inspect stats`` keys, shown by Flower: every live process's figures."""
-            if _Shared.forks:
-                live = set(worker.pool.info.get("processes", []))
-            else:
-                live = {os.getpid()}
-            return stats.collect(_Shared.stats_folder, live)
+            return stats.collect(_Shared.stats_folder, _live_pids(worker))
 
         terminate = stop
 
@@ -125,6 +126,13 @@ def install(app, settings: Settings) -> None:
             while not _Shared.release.value:
                 time.sleep(_CHECK_INTERVAL_S)
             os._exit(EX_LOAD_FAILED)
+
+
+def _live_pids(worker) -> set[int]:
+    """The processes that serve tasks now: the pool's children, or the main process itself."""
+    if _Shared.forks:
+        return set(worker.pool.info.get("processes", []))
+    return {os.getpid()}
 
 
 def _load_or_exit(settings: Settings) -> None:

@@ -24,6 +24,8 @@ from pathlib import Path
 from statistics import quantiles
 from typing import TYPE_CHECKING, Any
 
+from worker import metrics
+
 if TYPE_CHECKING:
     from worker.loading.base import LoadedModel
 
@@ -99,6 +101,7 @@ class ProcessStats:
 
     def record_load(self, name: str, loaded: LoadedModel) -> None:
         self.models[name] = load_figures(loaded)
+        metrics.record_load(name, loaded)
 
     @contextmanager
     def task(self, batch_size: int = 1) -> Iterator[TaskRecord]:
@@ -113,6 +116,7 @@ class ProcessStats:
         self.record_task(time.perf_counter() - start, record.batch_size, ok=True)
 
     def record_task(self, seconds: float, batch_size: int, ok: bool) -> None:
+        metrics.record_task(seconds, batch_size, ok)
         with self._lock:
             if ok:
                 self.done += 1
@@ -134,7 +138,9 @@ class ProcessStats:
             figures["latency_p95_ms"] = round(cuts[94] * 1000, 2)
             figures["batch_mean"] = round(sum(sizes) / len(sizes), 2)
             figures["batch_max"] = max(sizes)
-        figures.update(memory_mb())
+        memory = memory_mb()
+        metrics.record_memory(memory)
+        figures.update(memory)
         return figures
 
     def publish(self) -> None:

@@ -57,6 +57,19 @@ def flower(tmp_path):
         process.wait(timeout=20)
 
 
+def _metrics(port: int) -> dict[tuple[str, str], float]:
+    """The worker's Prometheus samples as {(name, sorted labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            samples[(sample.name, labels)] = sample.value
+    return samples
+
+
 def _process_figures(workers: dict) -> dict[int, dict]:
     """{pid: {key: value}} of the child processes, from /api/workers."""
     (stats,) = [w["stats"] for w in workers.values()]
@@ -80,7 +93,8 @@ def _wait_for(predicate, url: str, timeout: float = 120.0) -> dict[int, dict]:
 
 
 def test_flower_shows_each_childs_load_and_memory_and_drops_dead_children(worker_factory, models, flower):
-    worker = worker_factory(models.env(), pool="prefork", concurrency=2, name="stats")
+    metrics_port = free_port()
+    worker = worker_factory(models.env(METRICS_PORT=str(metrics_port)), pool="prefork", concurrency=2, name="stats")
     client = client_for(worker)
     wait_until_serving(worker, client)
     url = flower(worker)
@@ -114,10 +128,21 @@ def test_flower_shows_each_childs_load_and_memory_and_drops_dead_children(worker
     assert lines[0].split()[:4] == ["worker", "process", "model", "load"]
     assert sum(" exaone " in line for line in lines) == 2 and sum(" koelectra " in line for line in lines) == 2
 
+    metrics = _metrics(metrics_port)
+    for pid in figures:
+        assert metrics[("spam_model_load_seconds", f'model="exaone",pid="{pid}",stage="materialise"')] > 0
+        assert metrics[("spam_process_memory_bytes", f'kind="pss",pid="{pid}"')] > 0
+    assert metrics[("spam_tasks_total", 'outcome="succeeded"')] >= 8
+    assert metrics[("spam_task_seconds_count", "")] >= 8
+
     victim = min(figures)
     os.kill(victim, signal.SIGKILL)
     after = _wait_for(lambda f: victim not in f and len(f) == 2, url)
     assert victim not in after
     (new_pid,) = set(after) - set(figures)
     assert after[new_pid]["exaone.load_s"] > 0  # the respawned child loaded and reports
+    metrics = _metrics(metrics_port)
+    assert not [key for key in metrics if f'pid="{victim}"' in key[1]], "a dead child's gauges remain"
+    assert metrics[("spam_model_load_seconds", f'model="exaone",pid="{new_pid}",stage="materialise"')] > 0
+    assert metrics[("spam_tasks_total", 'outcome="succeeded"')] >= 8  # counts survive the child
     client.close()

@@ -44,6 +44,7 @@ def test_values_are_parsed():
     ({"BATCH_SIZE": "many"}, "BATCH_SIZE: 'many' is not a whole number"),
     ({"CELERY_BROKER_URL": "localhost"}, "CELERY_BROKER_URL: must be a URL"),
     ({"SPAM_THRESHOLD": "2"}, "SPAM_THRESHOLD: must be between 0 and 1"),
+    ({"METRICS_PORT": "70000"}, "METRICS_PORT: must be a TCP port"),
 ])
 def test_bad_values_name_the_variable(env, message):
     with pytest.raises(SettingsError, match=message.replace("(", r"\(")):

@@ -1,0 +1,108 @@
+"""A Prometheus endpoint with the worker's own figures; off unless ``METRICS_PORT`` is set.
+
+prometheus_client's multiprocess mode: every process writes its values to files in
+``PROMETHEUS_MULTIPROC_DIR`` and the main process serves their sum. Gauges are per live process
+(``pid`` label); the files of processes that died are removed at each scrape. Flower's own
+``/metrics`` covers task events; these are the load, memory and latency figures it cannot see.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from worker.loading.base import LoadedModel
+
+log = logging.getLogger(__name__)
+
+_metrics: _Metrics | None = None
+_PID_FILE = re.compile(r"_(\d+)\.db$")
+
+
+class _Metrics:
+    def __init__(self) -> None:
+        from prometheus_client import Counter, Gauge, Histogram
+
+        self.load_seconds = Gauge("spam_model_load_seconds", "Seconds spent per load stage",
+                                  ["model", "stage"], multiprocess_mode="liveall")
+        self.load_bytes = Gauge("spam_model_load_bytes", "Bytes of weights the load read",
+                                ["model", "source", "device", "dtype", "quantization"], multiprocess_mode="liveall")
+        self.memory = Gauge("spam_process_memory_bytes", "Process memory (rss, pss, cuda*_allocated, ...)",
+                            ["kind"], multiprocess_mode="liveall")
+        self.tasks = Counter("spam_tasks", "Classification tasks by outcome", ["outcome"])
+        self.latency = Histogram("spam_task_seconds", "Classification task latency",
+                                 buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+        self.batch = Histogram("spam_task_batch_size", "Texts per classification task",
+                               buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024))
+
+
+def enable() -> Path:
+    """Switch prometheus_client to multiprocess mode; call in the main process before the fork.
+
+    The ``celery`` command imports prometheus_client before our code runs, so when the variable
+    was not set beforehand the value class is chosen again here.
+    """
+    global _metrics
+    from prometheus_client import values
+
+    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not folder:
+        folder = tempfile.mkdtemp(prefix="spam-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
+    for stale in Path(folder).glob("*.db"):  # a previous run's values
+        stale.unlink()
+    values.ValueClass = values.get_value_class()
+    _metrics = _Metrics()
+    return Path(folder)
+
+
+def serve(port: int, folder: Path, live_pids: Callable[[], set[int]]) -> None:
+    """Serve ``/metrics`` from the main process, dropping dead processes' gauges at each scrape."""
+    from prometheus_client import CollectorRegistry, multiprocess, start_http_server
+
+    class DeadProcessSweeper:
+        def collect(self):
+            live = live_pids()
+            for file in folder.glob("gauge_live*.db"):
+                match = _PID_FILE.search(file.name)
+                if match and int(match.group(1)) not in live:
+                    multiprocess.mark_process_dead(int(match.group(1)), str(folder))
+            return []
+
+    registry = CollectorRegistry()
+    registry.register(DeadProcessSweeper())
+    multiprocess.MultiProcessCollector(registry, path=str(folder))
+    start_http_server(port, registry=registry)
+    log.info("Prometheus metrics on :%d/metrics", port)
+
+
+def record_load(name: str, loaded: LoadedModel) -> None:
+    if _metrics is None:
+        return
+    for stage, seconds in loaded.timings.items():
+        _metrics.load_seconds.labels(name, stage).set(seconds)
+    p = loaded.placement
+    _metrics.load_bytes.labels(name, loaded.source, str(p.device), str(p.dtype).removeprefix("torch."),
+                               p.quantization or "none").set(loaded.bytes_read)
+
+
+def record_task(seconds: float, batch_size: int, ok: bool) -> None:
+    if _metrics is None:
+        return
+    _metrics.tasks.labels("succeeded" if ok else "failed").inc()
+    if ok:
+        _metrics.latency.observe(seconds)
+        _metrics.batch.observe(batch_size)
+
+
+def record_memory(figures_mb: dict[str, float]) -> None:
+    if _metrics is None:
+        return
+    for key, mb in figures_mb.items():
+        _metrics.memory.labels(key.removesuffix("_mb")).set(mb * 2**20)
