@@ -26,6 +26,7 @@ class Models:
     exaone: Path
     exaone_adapter: Path
     exaone_cls_adapter: Path
+    snapshots: Path
 
     def env(self, **overrides: str) -> dict[str, str]:
         env = {
@@ -37,6 +38,7 @@ class Models:
             "DEVICE": "cpu",
             "TORCH_DTYPE": "float32",
             "HF_HUB_OFFLINE": "1",
+            "SNAPSHOT_DIR": str(self.snapshots),
         }
         env.update(overrides)
         return env
@@ -53,6 +55,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Models:
         exaone=exaone,
         exaone_adapter=factories.build_exaone_adapter(root / "exaone-spam-lora", exaone),
         exaone_cls_adapter=factories.build_exaone_adapter(root / "exaone-spam-cls", exaone, "SEQ_CLS"),
+        snapshots=root / "snapshots",
     )
 
 

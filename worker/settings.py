@@ -17,7 +17,7 @@ from worker.errors import SettingsError
 
 MODEL_NAMES = ("koelectra", "exaone")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-LOADERS = ("transformers",)
+LOADERS = ("snapshot", "transformers")
 QUANTIZATIONS = ("4bit", "8bit")
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -57,7 +57,12 @@ class Settings:
     quantization_bits: str = "4bit"
     device: str = "auto"
     """``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``."""
-    model_loader: str = "transformers"
+    model_loader: str = "snapshot"
+    """``snapshot`` (prepared merged weights, built on first start) or ``transformers`` (the checkpoint
+    converted and adapted at every start, the old guide's path)."""
+    snapshot_dir: str = ""
+    """Where prepared snapshots are kept; empty means ``$HF_HOME/spam-snapshots`` or
+    ``~/.cache/spam-workers/snapshots``. Use a local SSD."""
     trust_remote_code: bool = False
     spam_threshold: float = 0.5
     """A message is labelled spam when its spam score is at least this."""
@@ -118,6 +123,15 @@ class Settings:
         for name in ("celery_broker_url", "celery_result_backend"):
             if "://" not in getattr(self, name):
                 raise SettingsError(name.upper(), "must be a URL such as redis://host:6379/0")
+
+    @property
+    def snapshot_path(self) -> Path:
+        if self.snapshot_dir:
+            return Path(self.snapshot_dir).expanduser()
+        hf_home = os.environ.get("HF_HOME")
+        if hf_home:
+            return Path(hf_home).expanduser() / "spam-snapshots"
+        return Path.home() / ".cache" / "spam-workers" / "snapshots"
 
     def source(self, name: str) -> ModelSource:
         """The model id and adapter folder configured for ``name``; an empty adapter dir means none."""

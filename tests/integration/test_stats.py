@@ -105,11 +105,11 @@ def test_flower_shows_each_childs_load_and_memory_and_drops_dead_children(worker
     for values in figures.values():
         for model in ("koelectra", "exaone"):
             assert values[f"{model}.load_s"] > 0
-            assert values[f"{model}.source"] == "checkpoint"
+            assert values[f"{model}.source"] in ("snapshot", "checkpoint+snapshot")
             assert values[f"{model}.bytes_read_mb"] > 0
             assert values[f"{model}.device"] == "cpu" and values[f"{model}.dtype"] == "float32"
             stages = {part.split()[0] for part in values[f"{model}.stages"].split(" · ")}
-            assert stages == {"resolve", "materialise", "adapter", "tokenizer", "warmup"}
+            assert stages >= {"resolve", "materialise", "tokenizer", "warmup"}  # + snapshot on the build
         assert values["rss_mb"] > 50 and 0 < values["pss_mb"] <= values["rss_mb"]
 
     for _ in range(6):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,16 +18,17 @@ from worker.loading import get_loader
 from worker.loading.plan import PROMPT, SEQUENCE
 from worker.settings import ModelSource, Settings
 
-SETTINGS = Settings.from_env({"DEVICE": "cpu", "TORCH_DTYPE": "float32"}, dotenv=False)
+SETTINGS = Settings.from_env({"DEVICE": "cpu", "TORCH_DTYPE": "float32", "MODEL_LOADER": "transformers"},
+                             dotenv=False)
 TEXTS = ["무료 쿠폰 당첨! 지금 바로 링크를 클릭하세요", "내일 회의는 오후 3시에 시작합니다", "See you " * 30, "a"]
 
 
-def load(name: str, model: Path, adapter: Path | None):
-    return get_loader(SETTINGS).load_model(ModelSource(name, str(model), adapter))
+def load(name: str, model: Path, adapter: Path | None, settings: Settings = SETTINGS):
+    return get_loader(settings).load_model(ModelSource(name, str(model), adapter))
 
 
-def scores(name: str, model: Path, adapter: Path | None, texts=TEXTS) -> list[float]:
-    return [s.spam_score for s in SpamClassifier(load(name, model, adapter), batch_size=8).score(texts)]
+def scores(name: str, model: Path, adapter: Path | None, texts=TEXTS, settings: Settings = SETTINGS) -> list[float]:
+    return [s.spam_score for s in SpamClassifier(load(name, model, adapter, settings), batch_size=8).score(texts)]
 
 
 def lora_modules(model: torch.nn.Module) -> set[str]:
@@ -81,22 +83,24 @@ def test_named_labels_choose_the_spam_index(models, tmp_path):
     assert loaded.plan.labels == ("spam", "ham") and loaded.plan.spam_index == 0
 
 
+@pytest.mark.parametrize("loader", ["transformers", "snapshot"])
 @pytest.mark.parametrize("which", ["exaone", "exaone_cls", "koelectra"])
-def test_every_adapted_module_changes_the_score(models, tmp_path, which):
-    """Perturbing any single adapted module's LoRA weights must change the result."""
+def test_every_adapted_module_changes_the_score(models, tmp_path, which, loader):
+    """Perturbing any single adapted module's LoRA weights must change the result (merged or not)."""
+    settings = replace(SETTINGS, model_loader=loader, snapshot_dir=str(tmp_path / "snapshots"))
     base = {"exaone": models.exaone, "exaone_cls": models.exaone, "koelectra": models.koelectra}[which]
     original = {"exaone": models.exaone_adapter, "exaone_cls": models.exaone_cls_adapter,
                 "koelectra": models.koelectra_adapter}[which]
     name = "koelectra" if which == "koelectra" else "exaone"
-    reference = scores(name, base, original)
-    assert scores(name, base, original) == reference  # deterministic
+    reference = scores(name, base, original, settings=settings)
+    assert scores(name, base, original, settings=settings) == reference  # deterministic
     modules = factories.adapter_module_keys(original)
     assert len(modules) == (6 if which == "koelectra" else 14)
     for module in modules:
         copy = tmp_path / module.replace(".", "_")
         shutil.copytree(original, copy)
         factories.perturb_adapter_module(copy, module + ".")
-        changed = scores(name, base, copy)
+        changed = scores(name, base, copy, settings=settings)
         assert changed != reference, f"perturbing {module} changed nothing: the module was dropped"
 
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from worker.loading.base import BaseLoader, LoadedModel
+from worker.loading.snapshot_loader import SnapshotLoader
 from worker.loading.transformers_loader import TransformersLoader
 from worker.settings import Settings
 
 LOADERS: dict[str, type[BaseLoader]] = {
+    "snapshot": SnapshotLoader,
     "transformers": TransformersLoader,
 }
 

@@ -63,6 +63,15 @@ class StageTimer:
             self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 4)
 
 
+@dataclass
+class LoadedWeights:
+    """What a strategy returns: the adapted model and where its weights came from."""
+
+    model: torch.nn.Module
+    source: str
+    files: list[Path]
+
+
 class BaseLoader(ABC):
     """Loads one configured model completely or raises :class:`ModelLoadError`; never half."""
 
@@ -75,14 +84,7 @@ class BaseLoader(ABC):
             with timer.stage("resolve"):
                 plan = planning.resolve(source, self.settings)
                 placement = Placement.for_model(source.name, self.settings)
-            with timer.stage("materialise"):
-                model, missing = self.load_base(plan, placement)
-            if plan.adapter is not None:
-                check_fits(source.name, model, plan.adapter)
-            _check_complete(plan, missing)
-            if plan.adapter is not None:
-                with timer.stage("adapter"):
-                    model = attach_adapter(source.name, model, plan.adapter)
+            weights = self.load_weights(plan, placement, timer)
             with timer.stage("tokenizer"):
                 tokenizer = planning.load_tokenizer(plan, self.settings)
         except ModelLoadError:
@@ -91,22 +93,48 @@ class BaseLoader(ABC):
             raise ModelLoadError(source.name, f"out of GPU memory: {_first_line(exc)}") from exc
         except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as exc:
             raise ModelLoadError(source.name, f"{type(exc).__name__}: {_first_line(exc)}") from exc
-        model.eval()
-        log.info("loaded %s from %s in %.2fs (%s)", source.name, _where(source.model), sum(timer.seconds.values()),
-                 ", ".join(f"{k} {v:.2f}s" for k, v in timer.seconds.items()))
-        return LoadedModel(source.name, model, tokenizer, plan, placement, timer.seconds,
-                           bytes_read=self.bytes_read(plan))
-
-    def bytes_read(self, plan: planning.LoadPlan) -> int:
-        """Bytes of weights behind this load; 0 when the files cannot be found locally."""
-        files = planning.weight_files(plan.model_id, self.settings.use_safetensors)
-        if plan.adapter is not None:
-            files += [f for f in plan.adapter.path.glob("adapter_model.*") if f.is_file()]
-        return sum(f.stat().st_size for f in files)
+        weights.model.eval()
+        log.info("loaded %s from %s (%s) in %.2fs (%s)", source.name, _where(source.model), weights.source,
+                 sum(timer.seconds.values()), ", ".join(f"{k} {v:.2f}s" for k, v in timer.seconds.items()))
+        return LoadedModel(source.name, weights.model, tokenizer, plan, placement, timer.seconds,
+                           source=weights.source, bytes_read=sum(f.stat().st_size for f in weights.files))
 
     @abstractmethod
-    def load_base(self, plan: planning.LoadPlan, placement: Placement) -> tuple[torch.nn.Module, set[str]]:
-        """Materialise the base model; return it with the names of weights the checkpoint lacked."""
+    def load_weights(self, plan: planning.LoadPlan, placement: Placement, timer: StageTimer) -> LoadedWeights:
+        """Materialise the adapted model, every weight from the checkpoint, adapter or a prepared copy."""
+
+
+def load_adapted(plan: planning.LoadPlan, placement: Placement, settings: Settings,
+                 timer: StageTimer) -> torch.nn.Module:
+    """The reference path: ``from_pretrained`` with the guide's switches, then the verified adapter.
+
+    ``LOW_CPU_MEM_USAGE`` is not passed: transformers 5 always builds on the meta device and ignores
+    it. A weight the checkpoint lacks (and the adapter does not supply) is an error here, where
+    transformers would only log it and leave the weight random.
+    """
+    with timer.stage("materialise"):
+        model, info = plan.model_class.from_pretrained(
+            plan.model_id, config=plan.config, use_safetensors=settings.use_safetensors or None,
+            trust_remote_code=plan.trust_remote_code, output_loading_info=True, **placement.from_pretrained_kwargs(),
+        )
+    if info["mismatched_keys"]:
+        first = sorted(info["mismatched_keys"])[0]
+        raise ModelLoadError(plan.name, f"weights with the wrong shape in {plan.model_id!r} (first: {first})")
+    if plan.adapter is not None:
+        check_fits(plan.name, model, plan.adapter)
+    _check_complete(plan, set(info["missing_keys"]))
+    if plan.adapter is not None:
+        with timer.stage("adapter"):
+            model = attach_adapter(plan.name, model, plan.adapter)
+    return model
+
+
+def checkpoint_files(plan: planning.LoadPlan, settings: Settings) -> list[Path]:
+    """The checkpoint and adapter weight files the reference path reads (empty if not local)."""
+    files = planning.weight_files(plan.model_id, settings.use_safetensors)
+    if plan.adapter is not None:
+        files += [f for f in plan.adapter.path.glob("adapter_model.*") if f.is_file()]
+    return files
 
 
 def _check_complete(plan: planning.LoadPlan, missing: set[str]) -> None:

@@ -62,10 +62,20 @@ class Placement:
 
 
 def resolve_device(value: str) -> torch.device:
-    """``auto`` picks CUDA when a GPU is visible; asking for CUDA without one is an error."""
+    """``auto`` picks CUDA when a GPU is visible; asking for CUDA without one is an error.
+
+    With several GPUs and no index given, a prefork child takes GPU ``pool index % count``, so the
+    children of one worker spread over the host's GPUs (a respawned child keeps its index).
+    """
     if value == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        value = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(value)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"DEVICE={value} but no CUDA device is visible to torch")
+    if device.type == "cuda" and device.index is None:
+        from billiard.process import current_process
+
+        index = getattr(current_process(), "index", None)
+        count = torch.cuda.device_count()
+        device = torch.device("cuda", (index or 0) % count if count > 1 else 0)
     return device

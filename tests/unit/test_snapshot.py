@@ -1,0 +1,107 @@
+"""Prepared snapshots: built once, loaded directly, rebuilt when stale or damaged, built once under concurrency."""
+
+from __future__ import annotations
+
+import multiprocessing
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests import factories
+from worker.classifiers import SpamClassifier
+from worker.loading import get_loader
+from worker.loading.snapshot_loader import MANIFEST
+from worker.settings import ModelSource, Settings
+
+TEXTS = ["무료 쿠폰 당첨! 지금 바로 링크를 클릭하세요", "내일 회의는 오후 3시에 시작합니다", "a"]
+
+
+def settings_for(tmp_path: Path, **overrides) -> Settings:
+    base = Settings.from_env({"DEVICE": "cpu", "TORCH_DTYPE": "float32"}, dotenv=False)
+    return replace(base, snapshot_dir=str(tmp_path / "snapshots"), **overrides)
+
+
+def load(settings: Settings, name: str, model: Path, adapter: Path | None):
+    return get_loader(settings).load_model(ModelSource(name, str(model), adapter))
+
+
+def scores(loaded) -> list[float]:
+    return [s.spam_score for s in SpamClassifier(loaded, batch_size=4).score(TEXTS)]
+
+
+def snapshot_folders(settings: Settings) -> list[Path]:
+    return sorted(p for p in settings.snapshot_path.iterdir() if p.is_dir())
+
+
+@pytest.mark.parametrize("which", ["exaone", "exaone_cls", "koelectra"])
+def test_first_start_builds_later_starts_load_the_snapshot(models, tmp_path, which):
+    name = "koelectra" if which == "koelectra" else "exaone"
+    base = models.koelectra if which == "koelectra" else models.exaone
+    adapter = {"exaone": models.exaone_adapter, "exaone_cls": models.exaone_cls_adapter,
+               "koelectra": models.koelectra_adapter}[which]
+    settings = settings_for(tmp_path)
+    reference = scores(load(replace(settings, model_loader="transformers"), name, base, adapter))
+
+    first = load(settings, name, base, adapter)
+    assert first.source == "checkpoint+snapshot" and "snapshot" in first.timings
+    second = load(settings, name, base, adapter)
+    assert second.source == "snapshot"
+    assert set(second.timings) == {"resolve", "materialise", "tokenizer"}  # no adapter, no merge, no build
+    assert not any("lora_" in n for n, _ in second.model.named_modules())
+    (folder,) = snapshot_folders(settings)
+    assert second.bytes_read == sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    assert scores(first) == scores(second)
+    assert scores(second) == pytest.approx(reference, abs=1e-5)  # merged == adapter applied at run time
+
+
+def test_changed_inputs_build_a_new_snapshot(models, tmp_path):
+    settings = settings_for(tmp_path)
+    before = scores(load(settings, "exaone", models.exaone, models.exaone_adapter))
+    adapter = tmp_path / "adapter"
+    shutil.copytree(models.exaone_adapter, adapter)
+    factories.perturb_adapter_module(adapter, "transformer.h.1.mlp.c_proj.")
+    changed = load(settings, "exaone", models.exaone, adapter)
+    assert changed.source == "checkpoint+snapshot"
+    assert scores(changed) != before
+    bf16 = load(replace(settings, torch_dtype="bfloat16"), "exaone", models.exaone, models.exaone_adapter)
+    assert bf16.source == "checkpoint+snapshot" and next(bf16.model.parameters()).dtype == torch.bfloat16
+    assert len(snapshot_folders(settings)) == 3
+
+
+@pytest.mark.parametrize("damage", ["truncate", "manifest", "garbage"])
+def test_damaged_snapshot_is_rebuilt_not_served(models, tmp_path, damage):
+    settings = settings_for(tmp_path)
+    good = scores(load(settings, "exaone", models.exaone, models.exaone_adapter))
+    (folder,) = snapshot_folders(settings)
+    weights = next(folder.glob("*.safetensors"))
+    if damage == "truncate":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif damage == "manifest":
+        (folder / MANIFEST).unlink()
+    else:
+        size = weights.stat().st_size
+        weights.write_bytes(b"\xff" * size)
+    again = load(settings, "exaone", models.exaone, models.exaone_adapter)
+    assert again.source == "checkpoint+snapshot"
+    assert scores(again) == good
+    assert load(settings, "exaone", models.exaone, models.exaone_adapter).source == "snapshot"
+
+
+def _load_in_process(args) -> tuple[str, list[float]]:
+    settings, base, adapter = args
+    loaded = load(settings, "exaone", Path(base), Path(adapter))
+    return loaded.source, scores(loaded)
+
+
+def test_concurrent_first_starts_build_once(models, tmp_path):
+    settings = settings_for(tmp_path)
+    with multiprocessing.get_context("spawn").Pool(3) as pool:
+        results = pool.map(_load_in_process, [(settings, str(models.exaone), str(models.exaone_adapter))] * 3)
+    sources = sorted(source for source, _ in results)
+    assert sources == ["checkpoint+snapshot", "snapshot", "snapshot"]
+    assert all(s == results[0][1] for _, s in results)
+    assert [p.name for p in settings.snapshot_path.iterdir() if ".tmp-" in p.name] == []
+    assert len(snapshot_folders(settings)) == 1

@@ -1,0 +1,145 @@
+"""The fast strategy: prepared snapshots of the ready-to-serve weights.
+
+The first start loads the checkpoint the reference way (dtype conversion, verified adapter), merges
+the LoRA weights into the base and writes the result as one safetensors file in the target dtype.
+Every later start loads that file directly: no PEFT wrapping, no merge, no conversion. The file is
+memory-mapped, so on CPU the prefork children of one worker share one physical copy of it.
+
+A snapshot lives in ``SNAPSHOT_DIR/<model>-<fingerprint>``; the fingerprint covers everything that
+changes the weights (checkpoint and adapter files, dtype, head, library versions), so a changed
+input builds a new snapshot rather than serving a stale one. It is written into a temporary folder
+and renamed into place, under a file lock, so concurrent processes build it once and never see a
+partial one. A snapshot whose files do not match its manifest is rebuilt, never served.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import logging
+import os
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from filelock import FileLock
+from safetensors import SafetensorError, safe_open
+
+from worker.errors import ModelLoadError
+from worker.loading.base import BaseLoader, LoadedWeights, StageTimer, checkpoint_files, load_adapted
+from worker.loading.devices import Placement
+from worker.loading.plan import LoadPlan
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+MANIFEST = "snapshot.json"
+
+
+class SnapshotLoader(BaseLoader):
+    def load_weights(self, plan: LoadPlan, placement: Placement, timer: StageTimer) -> LoadedWeights:
+        if not checkpoint_files(plan, self.settings) and not Path(plan.model_id).is_dir():
+            with timer.stage("download"):
+                from huggingface_hub import snapshot_download
+
+                snapshot_download(plan.model_id)
+        folder = self.folder(plan, placement)
+        source = "snapshot"
+        if not is_valid(folder):
+            with timer.stage("snapshot"):
+                folder.parent.mkdir(parents=True, exist_ok=True)
+                with FileLock(str(folder) + ".lock"):
+                    if not is_valid(folder):  # another process may have built it while we waited
+                        self.build(plan, placement, folder)
+                        source = "checkpoint+snapshot"
+        with timer.stage("materialise"):
+            model, info = plan.model_class.from_pretrained(
+                folder, output_loading_info=True, **placement.from_pretrained_kwargs(),
+            )
+        if info["missing_keys"] or info["mismatched_keys"]:
+            bad = sorted(info["missing_keys"] | info["mismatched_keys"])
+            raise ModelLoadError(plan.name, f"snapshot {str(folder)!r} does not match its model (first: {bad[0]})")
+        files = [folder / name for name in _manifest(folder)["files"]]
+        if source != "snapshot":
+            files = checkpoint_files(plan, self.settings) + files
+        return LoadedWeights(model, source, files)
+
+    def folder(self, plan: LoadPlan, placement: Placement) -> Path:
+        return self.settings.snapshot_path / f"{plan.name}-{fingerprint(plan, placement, self.settings)}"
+
+    def build(self, plan: LoadPlan, placement: Placement, folder: Path) -> None:
+        """Load the reference way, merge the adapter, write the snapshot atomically."""
+        log.info("building snapshot of %s in %s", plan.name, folder)
+        tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            # Quantization is applied when the snapshot is loaded; the snapshot holds the merged weights.
+            model = load_adapted(plan, replace(placement, quantization=None), self.settings, StageTimer())
+            if hasattr(model, "merge_and_unload"):
+                model = model.merge_and_unload()
+            model.save_pretrained(tmp, safe_serialization=True, max_shard_size="1000GB")
+            del model
+            gc.collect()
+            files = {f.name: f.stat().st_size for f in tmp.glob("*.safetensors")}
+            (tmp / MANIFEST).write_text(json.dumps({"format": FORMAT, "files": files}, indent=1))
+            _fsync_folder(tmp)
+            shutil.rmtree(folder, ignore_errors=True)  # an invalid one we are replacing
+            os.rename(tmp, folder)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def is_valid(folder: Path) -> bool:
+    """Complete (every file at its recorded size) and readable; anything else is rebuilt."""
+    try:
+        manifest = _manifest(folder)
+        if manifest.get("format") != FORMAT or not manifest.get("files"):
+            return False
+        for name, size in manifest["files"].items():
+            file = folder / name
+            if file.stat().st_size != size:
+                log.warning("snapshot file %s is %d bytes, expected %d: rebuilding", file, file.stat().st_size, size)
+                return False
+            with safe_open(file, framework="pt") as handle:
+                handle.keys()
+        return True
+    except (OSError, ValueError, SafetensorError):
+        return False
+
+
+def fingerprint(plan: LoadPlan, placement: Placement, settings) -> str:
+    """A hash of everything that changes the prepared weights."""
+    import peft
+    import safetensors
+    import transformers
+
+    inputs = checkpoint_files(plan, settings)
+    config = Path(plan.model_id) / "config.json"
+    if config.is_file():
+        inputs.append(config)
+    if plan.adapter is not None:
+        inputs += sorted(plan.adapter.path.glob("adapter_config.json")) + sorted(plan.adapter.path.glob("config.json"))
+    if not checkpoint_files(plan, settings):
+        raise ModelLoadError(plan.name, f"no local weight files for {plan.model_id!r} to build a snapshot from")
+    h = hashlib.sha256()
+    for file in inputs:
+        stat = file.stat()
+        h.update(f"{file.resolve()}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    h.update(json.dumps({
+        "format": FORMAT, "dtype": str(placement.dtype), "head": plan.head,
+        "labels": plan.labels, "versions": [torch.__version__, transformers.__version__, peft.__version__,
+                                            safetensors.__version__],
+    }).encode())
+    return h.hexdigest()[:16]
+
+
+def _manifest(folder: Path) -> dict:
+    return json.loads((folder / MANIFEST).read_text())
+
+
+def _fsync_folder(folder: Path) -> None:
+    for file in folder.iterdir():
+        with file.open("rb") as fh:
+            os.fsync(fh.fileno())
