@@ -15,7 +15,9 @@ SEQ_CLS adapter. Random values load exactly like trained ones. Then, each in a f
 - ``snapshot``: our snapshot strategy from its snapshot.
 
 Each reports time to ready (process start to first classification done), the load stage (start of
-loading to first classification done, imports excluded) and peak RSS. Then it starts real prefork
+loading until every weight has been read by a one-token forward pass, imports excluded), the first
+classification (the same prompt for both paths) and peak RSS. On a CPU without native bf16 the
+classification's compute is large and the same for every path, so it is reported apart. Then it starts real prefork
 workers with N children on the snapshot and sums their PSS. It prints a table and the ratios, and
 one JSON line with every figure. The tokenizer is a small byte-level BPE, not EXAONE's 102k one.
 """
@@ -25,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -138,7 +139,12 @@ def build_koelectra(out: Path) -> tuple[Path, Path]:
 
 
 def child(mode: str, model: str, base: str, adapter: str, snapshots: str) -> dict:
-    """Runs in a fresh process; ``ready_s`` is measured from process creation by the parent."""
+    """Runs in a fresh process; ``ready_s`` is measured from process creation by the parent.
+
+    ``BENCH_DEVICE`` (cpu, cuda) and ``USE_QUANTIZATION`` (EXAONE, CUDA only) come from the parent.
+    """
+    device = os.environ.get("BENCH_DEVICE", "cpu")
+    quantize = model == "exaone" and os.environ.get("USE_QUANTIZATION", "").lower() == "true"
     t_import = time.perf_counter()
     if mode == "floor":
         files = [Path(f) for f in base.split(os.pathsep)]
@@ -162,13 +168,25 @@ def child(mode: str, model: str, base: str, adapter: str, snapshots: str) -> dic
         import_s = time.perf_counter() - t_import
         start = time.perf_counter()
         cls = AutoModelForCausalLM if model == "exaone" else AutoModelForSequenceClassification
+        kwargs = {"device_map": {"": 0}} if device == "cuda" else {}
+        if quantize:
+            from transformers import BitsAndBytesConfig
+
+            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                               bnb_4bit_compute_dtype=torch.bfloat16)
         net = cls.from_pretrained(base, dtype=torch.bfloat16 if model == "exaone" else torch.float32,
-                                  use_safetensors=True, low_cpu_mem_usage=True)
+                                  use_safetensors=True, low_cpu_mem_usage=True, **kwargs)
         net = PeftModel.from_pretrained(net, adapter).eval()
         tokenizer = AutoTokenizer.from_pretrained(base)
         with torch.inference_mode():
-            net(**tokenizer([TEXT], return_tensors="pt"))
-        load_s = time.perf_counter() - start
+            net(**tokenizer(["."], return_tensors="pt").to(net.device))  # reads every weight
+            _sync(device)
+            load_s = time.perf_counter() - start
+            start = time.perf_counter()
+            text = _prompt(tokenizer) if model == "exaone" else TEXT
+            net(**tokenizer([text], add_special_tokens=model != "exaone", return_tensors="pt").to(net.device))
+            _sync(device)
+        classify_s = time.perf_counter() - start
         source = "checkpoint"
     else:
         from worker.classifiers import SpamClassifier
@@ -176,15 +194,44 @@ def child(mode: str, model: str, base: str, adapter: str, snapshots: str) -> dic
         from worker.settings import ModelSource, Settings
 
         import_s = time.perf_counter() - t_import
-        settings = Settings.from_env({"DEVICE": "cpu", "TORCH_DTYPE": "bfloat16" if model == "exaone" else "float32",
-                                      "MODEL_LOADER": "snapshot", "SNAPSHOT_DIR": snapshots}, dotenv=False)
+        settings = Settings.from_env({"DEVICE": device, "TORCH_DTYPE": "bfloat16" if model == "exaone" else "float32",
+                                      "MODEL_LOADER": "snapshot", "SNAPSHOT_DIR": snapshots,
+                                      "USE_QUANTIZATION": str(quantize).lower()}, dotenv=False)
         start = time.perf_counter()
         loaded = get_loader(settings).load_model(ModelSource(model, base, Path(adapter)))
-        SpamClassifier(loaded, batch_size=1).score([TEXT])
+        classifier = SpamClassifier(loaded, batch_size=1)
+        classifier.warm_up()  # what the worker does before it takes tasks: reads every weight
+        _sync(device)
         load_s = time.perf_counter() - start
+        start = time.perf_counter()
+        classifier.score([TEXT])
+        _sync(device)
+        classify_s = time.perf_counter() - start
         source = loaded.source
-    return {"import_s": import_s, "load_s": load_s, "source": source,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {"import_s": import_s, "load_s": load_s, "classify_s": classify_s, "source": source,
+            "peak_rss_mb": _peak_rss_mb()}
+
+
+def _prompt(tokenizer) -> str:
+    from worker.classifiers import SYSTEM_PROMPT
+
+    messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": TEXT}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def _peak_rss_mb() -> float:
+    """VmHWM: this process's own peak (ru_maxrss would include the parent's from before the exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
 
 
 def run_child(mode: str, model: str, base: str, adapter: str, snapshots: Path) -> dict:
@@ -265,6 +312,8 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=ROOT / ".cache" / "bench")
     parser.add_argument("--repeat", type=int, default=1, help="runs per measurement (the median is shown)")
     parser.add_argument("--children", default="1,2,4", help="prefork children counts for the PSS figures")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--only", choices=("exaone", "koelectra"), help="measure one model")
     parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -278,7 +327,10 @@ def main() -> None:
     ko_base, ko_adapter = build_koelectra(work)
     print(f"checkpoints ready in {time.perf_counter() - t:.0f}s under {work}", file=sys.stderr)
     snapshots = work / "snapshots"
+    os.environ["BENCH_DEVICE"] = args.device
     models = {"exaone": (work / "exaone-2.4b", work / "exaone-lora"), "koelectra": (ko_base, ko_adapter)}
+    if args.only:
+        models = {args.only: models[args.only]}
     results: dict[str, dict] = {}
 
     def measure(key: str, mode: str, model: str, cold: bool, base: str, adapter: str, reset: bool = False):
@@ -308,32 +360,36 @@ def main() -> None:
                     "")
             measure(f"{model} ours snapshot {temp}", "snapshot", model, cold, str(base), str(adapter))
 
-    redis = subprocess.Popen(["redis-server", "--port", "6479", "--bind", "127.0.0.1", "--save", ""],
-                             stdout=subprocess.DEVNULL)
-    try:
-        time.sleep(0.5)
-        pss = [pss_of_workers(int(n), *models["exaone"], snapshots, 6479) for n in args.children.split(",")]
-    finally:
-        redis.terminate()
-    report(results, pss)
+    pss = []
+    if "exaone" in models and args.device == "cpu":
+        redis = subprocess.Popen(["redis-server", "--port", "6479", "--bind", "127.0.0.1", "--save", ""],
+                                 stdout=subprocess.DEVNULL)
+        try:
+            time.sleep(0.5)
+            pss = [pss_of_workers(int(n), *models["exaone"], snapshots, 6479) for n in args.children.split(",")]
+        finally:
+            redis.terminate()
+    report(results, pss, list(models))
 
 
 def _weights(folder: Path) -> list[Path]:
     return sorted(folder.glob("*.safetensors"))
 
 
-def report(results: dict[str, dict], pss: list[dict]) -> None:
-    print(f"\n{'measurement':34} {'ready s':>8} {'load s':>8} {'import s':>8} {'peak RSS MB':>12}  source / bytes")
+def report(results: dict[str, dict], pss: list[dict], models: list[str]) -> None:
+    print(f"\n{'measurement':34} {'ready s':>8} {'import s':>8} {'load s':>8} {'classify s':>10} "
+          f"{'peak RSS MB':>12}  source / bytes")
     for key, r in results.items():
         extra = f"{r['bytes'] / 1e9:.2f} GB" if "bytes" in r else r.get("source", "")
-        print(f"{key:34} {r['ready_s']:8.2f} {r['load_s']:8.2f} {r.get('import_s', 0):8.2f} "
-              f"{r.get('peak_rss_mb', 0):12.0f}  {extra}")
-    print(f"\n{'prefork children':>16} {'total PSS MB':>13} {'x one child':>12}")
-    one = pss[0]["total_pss_mb"]
-    for p in pss:
-        print(f"{p['children']:>16} {p['total_pss_mb']:13.0f} {p['total_pss_mb'] / one:12.2f}")
+        print(f"{key:34} {r['ready_s']:8.2f} {r.get('import_s', 0):8.2f} {r['load_s']:8.2f} "
+              f"{r.get('classify_s', 0):10.2f} {r.get('peak_rss_mb', 0):12.0f}  {extra}")
+    if pss:
+        print(f"\n{'prefork children':>16} {'total PSS MB':>13} {'x one child':>12}")
+        one = pss[0]["total_pss_mb"]
+        for p in pss:
+            print(f"{p['children']:>16} {p['total_pss_mb']:13.0f} {p['total_pss_mb'] / one:12.2f}")
     print("\nratios (targets from the issue)")
-    for model in ("exaone", "koelectra"):
+    for model in models:
         r = results
         print(f"  {model}: snapshot load stage cold / reading the snapshot cold = "
               f"{r[f'{model} ours snapshot cold']['load_s'] / r[f'{model} floor snapshot cold']['load_s']:.2f}"
@@ -341,6 +397,8 @@ def report(results: dict[str, dict], pss: list[dict]) -> None:
         print(f"  {model}: guide ready cold / snapshot ready cold = "
               f"{r[f'{model} guide cold']['ready_s'] / r[f'{model} ours snapshot cold']['ready_s']:.2f}"
               f"{'  (target >= 3)' if model == 'exaone' else ''}")
+        print(f"  {model}: guide load stage cold / snapshot load stage cold = "
+              f"{r[f'{model} guide cold']['load_s'] / r[f'{model} ours snapshot cold']['load_s']:.2f}")
         print(f"  {model}: guide ready warm / snapshot ready warm = "
               f"{r[f'{model} guide warm']['ready_s'] / r[f'{model} ours snapshot warm']['ready_s']:.2f}")
     if len(pss) > 1:

@@ -58,6 +58,12 @@ class SpamClassifier:
         self.body = inner.model if self.head is not None else None
 
     @torch.inference_mode()
+    def warm_up(self) -> None:
+        """One forward pass on a one-word input: reads every weight and builds the kernels, at the
+        compute cost of a couple of tokens rather than a whole prompt."""
+        self._forward(["."])
+
+    @torch.inference_mode()
     def score(self, texts: list[str]) -> list[Score]:
         if self.is_prompt:
             inputs, truncated = zip(*(self._fit_prompt(t) for t in texts), strict=True)

@@ -19,8 +19,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-WARMUP_TEXT = "안녕하세요, 내일 회의 시간 확인 부탁드립니다."
-
 
 class ModelRegistry:
     def __init__(self) -> None:
@@ -37,7 +35,7 @@ class ModelRegistry:
             max_tokens = settings.exaone_max_tokens if name == "exaone" else None
             classifier = SpamClassifier(loaded, settings.batch_size, max_tokens)
             start = time.perf_counter()
-            classifier.score([WARMUP_TEXT])  # first forward: touches the weights, builds kernels
+            classifier.warm_up()
             loaded.timings["warmup"] = round(time.perf_counter() - start, 4)
             self._models[name] = classifier
             process_stats.record_load(name, loaded)
