@@ -81,7 +81,7 @@ class SpamClassifier:
     def _forward(self, texts: list[str]) -> list[float]:
         enc = self.tokenizer(
             texts, add_special_tokens=not self.is_prompt, truncation=not self.is_prompt,
-            max_length=self.max_tokens, padding=True, return_tensors="pt",
+            max_length=None if self.is_prompt else self.max_tokens, padding=True, return_tensors="pt",
         ).to(self.device)
         if self.head is not None:
             hidden = self.body(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
