@@ -14,10 +14,10 @@ SEQ_CLS adapter. Random values load exactly like trained ones. Then, each in a f
 - ``first``: our snapshot strategy on its first start (builds the snapshot);
 - ``snapshot``: our snapshot strategy from its snapshot.
 
-Each reports time to ready (process start to first classification done), the load stage (start of
-loading until every weight has been read by a one-token forward pass, imports excluded), the first
-classification (the same prompt for both paths) and peak RSS. On a CPU without native bf16 the
-classification's compute is large and the same for every path, so it is reported apart. Then it starts real prefork
+Each reports time to ready (process start until every weight has been read by a one-token forward
+pass), the load stage (the same, imports excluded), peak RSS and, in warm runs, the first
+classification (the same prompt for both paths). On a CPU without native bf16 that classification's
+compute is large and the same for every path, so it is timed apart and only once, warm. Then it starts real prefork
 workers with N children on the snapshot and sums their PSS. It prints a table and the ratios, and
 one JSON line with every figure. The tokenizer is a small byte-level BPE, not EXAONE's 102k one.
 """
@@ -138,7 +138,7 @@ def build_koelectra(out: Path) -> tuple[Path, Path]:
 # --- one measurement in a fresh process ------------------------------------------------------------
 
 
-def child(mode: str, model: str, base: str, adapter: str, snapshots: str) -> dict:
+def child(mode: str, model: str, base: str, adapter: str, snapshots: str, classify: str = "1") -> dict:
     """Runs in a fresh process; ``ready_s`` is measured from process creation by the parent.
 
     ``BENCH_DEVICE`` (cpu, cuda) and ``USE_QUANTIZATION`` (EXAONE, CUDA only) come from the parent.
@@ -183,9 +183,10 @@ def child(mode: str, model: str, base: str, adapter: str, snapshots: str) -> dic
             _sync(device)
             load_s = time.perf_counter() - start
             start = time.perf_counter()
-            text = _prompt(tokenizer) if model == "exaone" else TEXT
-            net(**tokenizer([text], add_special_tokens=model != "exaone", return_tensors="pt").to(net.device))
-            _sync(device)
+            if classify == "1":
+                text = _prompt(tokenizer) if model == "exaone" else TEXT
+                net(**tokenizer([text], add_special_tokens=model != "exaone", return_tensors="pt").to(net.device))
+                _sync(device)
         classify_s = time.perf_counter() - start
         source = "checkpoint"
     else:
@@ -204,8 +205,9 @@ def child(mode: str, model: str, base: str, adapter: str, snapshots: str) -> dic
         _sync(device)
         load_s = time.perf_counter() - start
         start = time.perf_counter()
-        classifier.score([TEXT])
-        _sync(device)
+        if classify == "1":
+            classifier.score([TEXT])
+            _sync(device)
         classify_s = time.perf_counter() - start
         source = loaded.source
     return {"import_s": import_s, "load_s": load_s, "classify_s": classify_s, "source": source,
@@ -234,9 +236,10 @@ def _peak_rss_mb() -> float:
     return 0.0
 
 
-def run_child(mode: str, model: str, base: str, adapter: str, snapshots: Path) -> dict:
+def run_child(mode: str, model: str, base: str, adapter: str, snapshots: Path, classify: bool) -> dict:
     start = time.perf_counter()
-    out = subprocess.run([sys.executable, __file__, "--child", mode, model, base, adapter, str(snapshots)],
+    out = subprocess.run([sys.executable, __file__, "--child", mode, model, base, adapter, str(snapshots),
+                          "1" if classify else "0"],
                          capture_output=True, text=True, cwd=ROOT, timeout=900)
     ready_s = time.perf_counter() - start
     if out.returncode != 0:
@@ -314,7 +317,7 @@ def main() -> None:
     parser.add_argument("--children", default="1,2,4", help="prefork children counts for the PSS figures")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--only", choices=("exaone", "koelectra"), help="measure one model")
-    parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(*args.child)))
@@ -337,11 +340,12 @@ def main() -> None:
         runs = []
         for _ in range(args.repeat):
             if reset:
-                for folder in snapshots.glob(f"{model}-*"):
-                    shutil.rmtree(folder)
+                for path in snapshots.glob(f"{model}-*"):
+                    shutil.rmtree(path) if path.is_dir() else path.unlink()
             if cold:
                 evict([work])
-            runs.append(run_child(mode, model, base, adapter, snapshots))
+            # The classification's compute does not depend on the cache: it is timed in warm runs only.
+            runs.append(run_child(mode, model, base, adapter, snapshots, classify=not cold))
             print(f"  {key}: {runs[-1]}", file=sys.stderr)
         results[key] = {k: statistics.median(r[k] for r in runs) if isinstance(runs[0][k], float) else runs[0][k]
                         for k in runs[0]}
