@@ -9,15 +9,12 @@ gets the same positions, and so the same score, alone or in a batch.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
 
 from worker.loading.base import LoadedModel
 from worker.loading.plan import PROMPT
-
-log = logging.getLogger(__name__)
 
 SYSTEM_PROMPT = (
     "You are a spam filter for Korean text messages. Reply with one word: "

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -47,9 +48,7 @@ def memory_mb() -> dict[str, float]:
         import resource
 
         figures["rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-    import sys
-
-    torch = sys.modules.get("torch")
+    torch = sys.modules.get("torch")  # only where the worker imported it
     if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
         for i in range(torch.cuda.device_count()):
             figures[f"cuda{i}_allocated_mb"] = round(torch.cuda.memory_allocated(i) / 2**20, 1)

@@ -86,7 +86,7 @@ class BaseLoader(ABC):
                 placement = Placement.for_model(source.name, self.settings)
             weights = self.load_weights(plan, placement, timer)
             with timer.stage("tokenizer"):
-                tokenizer = planning.load_tokenizer(plan, self.settings)
+                tokenizer = planning.load_tokenizer(plan)
         except ModelLoadError:
             raise
         except torch.cuda.OutOfMemoryError as exc:

@@ -144,7 +144,7 @@ def _spam_index(name: str, labels: tuple[str, ...]) -> int:
     raise ModelLoadError(name, f"cannot tell which of the labels {list(labels)} is spam")
 
 
-def load_tokenizer(plan: LoadPlan, settings: Settings) -> Any:
+def load_tokenizer(plan: LoadPlan) -> Any:
     tokenizer = AutoTokenizer.from_pretrained(plan.tokenizer_source, trust_remote_code=plan.trust_remote_code)
     tokenizer.padding_side = "right"  # classifiers read the last real token by its index
     if tokenizer.pad_token is None:

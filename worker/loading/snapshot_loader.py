@@ -116,13 +116,13 @@ def fingerprint(plan: LoadPlan, placement: Placement, settings) -> str:
     import transformers
 
     inputs = checkpoint_files(plan, settings)
+    if not inputs:
+        raise ModelLoadError(plan.name, f"no local weight files for {plan.model_id!r} to build a snapshot from")
     config = Path(plan.model_id) / "config.json"
     if config.is_file():
         inputs.append(config)
     if plan.adapter is not None:
         inputs += sorted(plan.adapter.path.glob("adapter_config.json")) + sorted(plan.adapter.path.glob("config.json"))
-    if not checkpoint_files(plan, settings):
-        raise ModelLoadError(plan.name, f"no local weight files for {plan.model_id!r} to build a snapshot from")
     h = hashlib.sha256()
     for file in inputs:
         stat = file.stat()
