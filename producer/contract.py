@@ -29,3 +29,7 @@ class InvalidInput(ValueError):
 
 class ModelUnavailable(LookupError):
     """The worker that took the task has not loaded the requested model."""
+
+
+class ClassificationFailed(RuntimeError):
+    """The worker could not score the text (out of memory even alone). Never retried."""

@@ -2,24 +2,34 @@
 
 from __future__ import annotations
 
-from producer.contract import CLASSIFY, CLASSIFY_BATCH, LABEL_HAM, LABEL_SPAM, InvalidInput, ModelUnavailable
+from producer.contract import (
+    CLASSIFY,
+    CLASSIFY_BATCH,
+    LABEL_HAM,
+    LABEL_SPAM,
+    ClassificationFailed,
+    InvalidInput,
+    ModelUnavailable,
+)
 from tasks.validation import check_model, check_text, check_texts
 from worker.celery import app, settings
 from worker.registry import registry
 from worker.stats import process_stats
 
 
-@app.task(name=CLASSIFY, throws=(InvalidInput, ModelUnavailable))
+@app.task(name=CLASSIFY, throws=(InvalidInput, ModelUnavailable, ClassificationFailed))
 def classify(text: str, model: str = "auto") -> dict:
     """Classify one message. Invalid input fails the task with ``InvalidInput`` (not retried)."""
     with process_stats.task():
         text = check_text(text, settings.max_text_chars)
         name = registry.resolve(check_model(model))
         score = registry.get(name).score([text])[0]
+        if score.error:
+            raise ClassificationFailed(f"{name}: {score.error}")
         return _result(name, score)
 
 
-@app.task(name=CLASSIFY_BATCH, throws=(InvalidInput, ModelUnavailable))
+@app.task(name=CLASSIFY_BATCH, throws=(InvalidInput, ModelUnavailable, ClassificationFailed))
 def classify_batch(texts: list, model: str = "auto") -> list[dict]:
     """Classify many messages in input order; an invalid item gets ``{"error", "index"}``."""
     with process_stats.task() as record:
@@ -36,7 +46,7 @@ def classify_batch(texts: list, model: str = "auto") -> list[dict]:
         if valid:
             scores = registry.get(name).score([t for _, t in valid])
             for (i, _), score in zip(valid, scores, strict=True):
-                results[i] = _result(name, score)
+                results[i] = {"error": score.error, "index": i} if score.error else _result(name, score)
         return results  # type: ignore[return-value]
 
 

@@ -18,8 +18,13 @@ def celery_config(settings: Settings) -> dict:
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
+        # Keep reconnecting to the broker, at start-up and while running.
         "broker_connection_retry_on_startup": True,
-        "broker_transport_options": {"visibility_timeout": 3600},
+        "broker_connection_retry": True,
+        "broker_connection_max_retries": None,
+        "broker_transport_options": {"visibility_timeout": settings.visibility_timeout_s},
+        "task_soft_time_limit": settings.task_time_limit_s,
+        "task_time_limit": settings.task_time_limit_s + 30,
         "result_expires": 24 * 3600,
         "result_extended": True,
         # Flower shows tasks from these events.

@@ -9,12 +9,15 @@ gets the same positions, and so the same score, alone or in a batch.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 
 from worker.loading.base import LoadedModel
 from worker.loading.plan import PROMPT
+
+log = logging.getLogger(__name__)
 
 SYSTEM_PROMPT = (
     "You are a spam filter for Korean text messages. Reply with one word: "
@@ -28,6 +31,8 @@ HAM_WORD = "ham"
 class Score:
     spam_score: float
     truncated: bool
+    error: str | None = None
+    """Set when this text could not be scored (out of memory even alone); ``spam_score`` is then NaN."""
 
 
 class SpamClassifier:
@@ -70,10 +75,26 @@ class SpamClassifier:
         results: list[Score | None] = [None] * len(inputs)
         for start in range(0, len(order), self.batch_size):
             chunk = order[start:start + self.batch_size]
-            probs = self._forward([inputs[i] for i in chunk])
+            probs = self._forward_splitting([inputs[i] for i in chunk])
             for i, p in zip(chunk, probs, strict=True):
-                results[i] = Score(p, truncated[i])
+                results[i] = Score(p, truncated[i]) if p is not None else \
+                    Score(float("nan"), truncated[i], error="out of memory even as a batch of one")
         return results  # type: ignore[return-value]
+
+    def _forward_splitting(self, texts: list[str]) -> list[float | None]:
+        """On out-of-memory, retry the two halves; a text that fails alone gets None."""
+        try:
+            return self._forward(texts)
+        except (torch.OutOfMemoryError, MemoryError):
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if len(texts) == 1:
+                log.warning("%s: out of memory on a single text of %d characters", self.name, len(texts[0]))
+                return [None]
+            half = len(texts) // 2
+            log.warning("%s: out of memory on a batch of %d; retrying as %d + %d", self.name, len(texts), half,
+                        len(texts) - half)
+            return self._forward_splitting(texts[:half]) + self._forward_splitting(texts[half:])
 
     def _forward(self, texts: list[str]) -> list[float]:
         enc = self.tokenizer(

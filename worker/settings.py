@@ -77,6 +77,10 @@ class Settings:
     """How long a worker process may take to load its models before Celery gives up on it."""
     torch_threads: int = 0
     """Intra-op threads per worker process; 0 divides the machine's cores among the processes."""
+    task_time_limit_s: float = 300.0
+    """A task still running after this gets ``SoftTimeLimitExceeded``; 30 s later its process is killed."""
+    visibility_timeout_s: float = 3600.0
+    """Redis redelivers a message unacknowledged this long (a worker that died); above the time limit."""
     metrics_port: int = 0
     """Port of the worker's Prometheus endpoint; 0 (the default) turns it off."""
 
@@ -114,6 +118,11 @@ class Settings:
                 raise SettingsError(name.upper(), "must be at least 1")
         if not 0.0 <= self.spam_threshold <= 1.0:
             raise SettingsError("SPAM_THRESHOLD", "must be between 0 and 1")
+        if self.task_time_limit_s <= 0:
+            raise SettingsError("TASK_TIME_LIMIT_S", "must be a positive number of seconds")
+        if self.visibility_timeout_s <= self.task_time_limit_s + 30:
+            raise SettingsError("VISIBILITY_TIMEOUT_S", "must exceed TASK_TIME_LIMIT_S + 30, or running tasks "
+                                "would be delivered twice")
         if not 0 <= self.metrics_port <= 65535:
             raise SettingsError("METRICS_PORT", "must be a TCP port (1-65535), or 0 for no endpoint")
         if self.torch_threads < 0:

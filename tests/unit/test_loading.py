@@ -215,3 +215,23 @@ def test_truncated_checkpoint_shard(models, tmp_path):
 def test_missing_model_folder(tmp_path):
     with pytest.raises(ModelLoadError, match="no usable config"):
         load("exaone", tmp_path / "nothing-here", None)
+
+
+def test_out_of_memory_splits_the_batch_and_fails_only_the_item(models, monkeypatch):
+    classifier = SpamClassifier(load("koelectra", models.koelectra, models.koelectra_adapter), batch_size=8)
+    texts = [f"메시지 {i}" for i in range(7)] + ["너무 큰 메시지"]
+    expected = [s.spam_score for s in classifier.score(texts)]
+    real_forward = classifier._forward
+    calls: list[int] = []
+
+    def forward(batch):
+        calls.append(len(batch))
+        if len(batch) > 2 or "너무 큰 메시지" in batch:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_forward(batch)
+
+    monkeypatch.setattr(classifier, "_forward", forward)
+    got = classifier.score(texts)
+    assert [s.spam_score for s in got[:7]] == pytest.approx(expected[:7], abs=1e-6)
+    assert got[7].error == "out of memory even as a batch of one" and got[7].spam_score != got[7].spam_score
+    assert calls[0] == 8 and max(calls[1:]) <= 4
