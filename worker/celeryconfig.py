@@ -26,6 +26,9 @@ def celery_config(settings: Settings) -> dict:
         "task_soft_time_limit": settings.task_time_limit_s,
         "task_time_limit": settings.task_time_limit_s + 30,
         "result_expires": 24 * 3600,
+        # A result that cannot be stored because Redis is restarting is retried, not dropped.
+        "result_backend_always_retry": True,
+        "result_backend_max_retries": 30,
         "result_extended": True,
         # Flower shows tasks from these events.
         "worker_send_task_events": True,
