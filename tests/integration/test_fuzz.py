@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from producer.contract import CLASSIFY, CLASSIFY_BATCH, MODELS, InvalidInput
-from tests.integration.helpers import bare_app, client_for, wait_until_serving
+from tests.integration.helpers import bare_app
 
 pytestmark = pytest.mark.integration
 
@@ -22,11 +22,8 @@ models = st.one_of(st.sampled_from(MODELS), st.sampled_from([m.upper() for m in 
 
 
 @pytest.fixture(scope="module")
-def app(prefork_worker):
-    client = client_for(prefork_worker)
-    wait_until_serving(prefork_worker, client)
-    client.close()
-    return bare_app(prefork_worker)
+def app(served):
+    return bare_app(served[0])
 
 
 def _valid(result: dict) -> bool:

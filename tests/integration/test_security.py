@@ -18,14 +18,6 @@ from tests.integration.helpers import bare_app, client_for, wait_until_serving
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def served(prefork_worker):
-    client = client_for(prefork_worker)
-    wait_until_serving(prefork_worker, client)
-    yield prefork_worker, client
-    client.close()
-
-
 def test_a_pickled_message_is_refused_and_logged(served):
     worker, client = served
     task_id = str(uuid.uuid4())

@@ -29,14 +29,6 @@ def _check_result(result: dict, model: str, truncated: bool | None = False) -> N
         assert result["truncated"] is truncated
 
 
-@pytest.fixture(scope="module")
-def served(prefork_worker):
-    client = client_for(prefork_worker)
-    wait_until_serving(prefork_worker, client)
-    yield prefork_worker, client
-    client.close()
-
-
 def test_producer_client_classifies_with_each_model(served):
     _, client = served
     auto = client.classify(TEXTS[0])
