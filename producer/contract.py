@@ -17,10 +17,9 @@ MODELS = ("auto", "koelectra", "exaone")
 LABEL_SPAM = "spam"
 LABEL_HAM = "ham"
 
-RESULT_FIELDS = ("label", "spam_score", "model", "truncated")
-"""A result: ``label`` ("spam"/"ham"), ``spam_score`` (0..1), ``model`` (which one decided),
-``truncated`` (the text was longer than the model's window). A batch item that failed validation
-is ``{"error": "...", "index": i}`` instead."""
+# A result: ``label`` ("spam"/"ham"), ``spam_score`` (0..1), ``model`` (which one decided),
+# ``truncated`` (the text was longer than the model's window). A batch item that failed validation
+# is ``{"error": "...", "index": i}`` instead.
 
 
 class InvalidInput(ValueError):

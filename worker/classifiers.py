@@ -47,7 +47,10 @@ class SpamClassifier:
         window = _model_window(loaded)
         self.max_tokens = min(max_tokens, window) if max_tokens else window
         self.is_prompt = loaded.head == PROMPT
-        self._overhead: int | None = None
+        # Tokens the instructions take (plus one for the cut), so a message can be fitted to the window.
+        self._prompt_overhead = (
+            len(self.tokenizer(self._prompt(""), add_special_tokens=False)["input_ids"]) + 1 if self.is_prompt else 0
+        )
         if self.is_prompt and self._prompt_overhead >= self.max_tokens:
             raise ValueError(f"the prompt alone takes {self._prompt_overhead} tokens; EXAONE_MAX_TOKENS "
                              f"({self.max_tokens}) leaves no room for the message")
@@ -122,12 +125,6 @@ class SpamClassifier:
         if len(ids) <= budget:
             return self._prompt(text), False
         return self._prompt(self.tokenizer.decode(ids[:budget])), True
-
-    @property
-    def _prompt_overhead(self) -> int:
-        if self._overhead is None:
-            self._overhead = len(self.tokenizer(self._prompt(""), add_special_tokens=False)["input_ids"]) + 1
-        return self._overhead
 
     def _prompt(self, text: str) -> str:
         messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": text}]

@@ -41,10 +41,6 @@ class ModelRegistry:
             process_stats.record_load(name, loaded)
             log.info("%s ready: %s", name, ", ".join(f"{k} {v:.2f}s" for k, v in loaded.timings.items()))
 
-    @property
-    def names(self) -> tuple[str, ...]:
-        return tuple(self._models)
-
     def resolve(self, requested: str) -> str:
         """Map ``auto`` to a loaded model (KoELECTRA first); other names pass through."""
         if requested != "auto":

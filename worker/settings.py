@@ -17,7 +17,7 @@ from worker.errors import SettingsError
 
 MODEL_NAMES = ("koelectra", "exaone")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-LOADERS = ("snapshot", "transformers")
+LOADERS = ("snapshot", "transformers")  # worker.loading.LOADERS; named here to validate without torch
 QUANTIZATIONS = ("4bit", "8bit")
 
 _TRUE = {"1", "true", "yes", "on"}

@@ -32,7 +32,7 @@ from celery.signals import worker_process_init
 from celery.worker import state
 
 from worker import metrics, stats
-from worker.errors import ModelLoadError
+from worker.errors import ModelLoadError, first_line
 from worker.registry import registry
 from worker.settings import Settings
 
@@ -148,8 +148,8 @@ def _load_or_exit(settings: Settings) -> None:
 def _wait_for_children(count: int, timeout: float) -> None:
     start = time.monotonic()
     while _Shared.loaded.value < count:
-        if _Shared.failure.value:
-            log.critical("stopping the worker: %s", _Shared.failure.value.decode("utf-8", "replace"))
+        if failure := _child_failure():
+            log.critical("stopping the worker: %s", failure)
             raise WorkerShutdown(EX_LOAD_FAILED)
         if time.monotonic() - start > timeout:
             log.critical("stopping the worker: models not loaded after %.0fs (LOAD_TIMEOUT_S)", timeout)
@@ -162,18 +162,21 @@ def _watch_children() -> None:
     """After start-up: a respawned child that cannot load stops the worker too."""
     while True:
         time.sleep(_CHECK_INTERVAL_S)
-        value = _Shared.failure.value
-        if value:
-            log.critical("stopping the worker: %s", value.decode("utf-8", "replace"))
+        if failure := _child_failure():
+            log.critical("stopping the worker: %s", failure)
             state.should_stop = EX_LOAD_FAILED
             return
+
+
+def _child_failure() -> str:
+    """The line a child that could not load left in shared memory; empty while none has failed."""
+    return _Shared.failure.value.decode("utf-8", "replace")
 
 
 def _failure_line(exc: BaseException) -> str:
     if isinstance(exc, ModelLoadError):
         return str(exc)
-    first = (str(exc).strip().splitlines() or [repr(exc)])[0]
-    return f"cannot load models: {type(exc).__name__}: {first}"
+    return f"cannot load models: {type(exc).__name__}: {first_line(exc)}"
 
 
 def _import_libraries() -> None:

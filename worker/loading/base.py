@@ -1,8 +1,8 @@
 """The loader interface: one ``load_model`` template, one subclass per way of getting the weights.
 
-The base class owns the order of steps (resolve what to load, materialise the base model, attach
-and verify the adapter, load the tokenizer) and times each one; a strategy overrides only how the
-base weights are materialised.
+The base class owns the order of steps (resolve what to load, materialise the adapted model, load
+the tokenizer), turns every failure into a ``ModelLoadError`` and times each stage; a strategy
+implements ``load_weights``. ``load_adapted`` is the reference path the strategies share.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 
-from worker.errors import ModelLoadError
+from worker.errors import ModelLoadError, first_line
 from worker.loading import plan as planning
 from worker.loading.adapters import attach_adapter, check_fits
 from worker.loading.devices import Placement
@@ -90,9 +90,9 @@ class BaseLoader(ABC):
         except ModelLoadError:
             raise
         except torch.cuda.OutOfMemoryError as exc:
-            raise ModelLoadError(source.name, f"out of GPU memory: {_first_line(exc)}") from exc
+            raise ModelLoadError(source.name, f"out of GPU memory: {first_line(exc)}") from exc
         except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as exc:
-            raise ModelLoadError(source.name, f"{type(exc).__name__}: {_first_line(exc)}") from exc
+            raise ModelLoadError(source.name, f"{type(exc).__name__}: {first_line(exc)}") from exc
         weights.model.eval()
         log.info("loaded %s from %s (%s) in %.2fs (%s)", source.name, _where(source.model), weights.source,
                  sum(timer.seconds.values()), ", ".join(f"{k} {v:.2f}s" for k, v in timer.seconds.items()))
@@ -145,11 +145,6 @@ def _check_complete(plan: planning.LoadPlan, missing: set[str]) -> None:
         raise ModelLoadError(
             plan.name, f"{len(left)} weights missing from {plan.model_id!r} would be left random (first: {left[0]})"
         )
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or repr(exc)
-    return text.splitlines()[0]
 
 
 def _where(model: str) -> str:

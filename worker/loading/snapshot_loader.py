@@ -40,12 +40,14 @@ MANIFEST = "snapshot.json"
 
 class SnapshotLoader(BaseLoader):
     def load_weights(self, plan: LoadPlan, placement: Placement, timer: StageTimer) -> LoadedWeights:
-        if not checkpoint_files(plan, self.settings) and not Path(plan.model_id).is_dir():
+        inputs = checkpoint_files(plan, self.settings)
+        if not inputs and not Path(plan.model_id).is_dir():
             with timer.stage("download"):
                 from huggingface_hub import snapshot_download
 
                 snapshot_download(plan.model_id)
-        folder = self.folder(plan, placement)
+            inputs = checkpoint_files(plan, self.settings)
+        folder = self.settings.snapshot_path / f"{plan.name}-{fingerprint(plan, placement, inputs)}"
         source = "snapshot"
         if not is_valid(folder):
             with timer.stage("snapshot"):
@@ -63,11 +65,8 @@ class SnapshotLoader(BaseLoader):
             raise ModelLoadError(plan.name, f"snapshot {str(folder)!r} does not match its model (first: {bad[0]})")
         files = [folder / name for name in _manifest(folder)["files"]]
         if source != "snapshot":
-            files = checkpoint_files(plan, self.settings) + files
+            files = inputs + files
         return LoadedWeights(model, source, files)
-
-    def folder(self, plan: LoadPlan, placement: Placement) -> Path:
-        return self.settings.snapshot_path / f"{plan.name}-{fingerprint(plan, placement, self.settings)}"
 
     def build(self, plan: LoadPlan, placement: Placement, folder: Path) -> None:
         """Load the reference way, merge the adapter, write the snapshot atomically."""
@@ -109,15 +108,15 @@ def is_valid(folder: Path) -> bool:
         return False
 
 
-def fingerprint(plan: LoadPlan, placement: Placement, settings) -> str:
-    """A hash of everything that changes the prepared weights."""
+def fingerprint(plan: LoadPlan, placement: Placement, weight_files: list[Path]) -> str:
+    """A hash of everything that changes the prepared weights (``weight_files``: checkpoint + adapter)."""
     import peft
     import safetensors
     import transformers
 
-    inputs = checkpoint_files(plan, settings)
-    if not inputs:
+    if not weight_files:
         raise ModelLoadError(plan.name, f"no local weight files for {plan.model_id!r} to build a snapshot from")
+    inputs = list(weight_files)
     config = Path(plan.model_id) / "config.json"
     if config.is_file():
         inputs.append(config)
