@@ -10,12 +10,12 @@ gets the same positions, and so the same score, alone or in a batch.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import torch
 
 from worker.loading.base import LoadedModel
 from worker.loading.plan import PROMPT
+from worker.score import Score
 
 log = logging.getLogger(__name__)
 
@@ -25,14 +25,6 @@ SYSTEM_PROMPT = (
 )
 SPAM_WORD = "spam"
 HAM_WORD = "ham"
-
-
-@dataclass(frozen=True)
-class Score:
-    spam_score: float
-    truncated: bool
-    error: str | None = None
-    """Set when this text could not be scored (out of memory even alone); ``spam_score`` is then NaN."""
 
 
 class SpamClassifier:

@@ -40,6 +40,8 @@ class _Metrics:
                                  buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
         self.batch = Histogram("spam_task_batch_size", "Texts per classification task",
                                buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024))
+        self.forward = Histogram("spam_forward_batch_size", "Texts per dynamically batched forward pass",
+                                 buckets=(1, 2, 4, 8, 16, 32, 64, 128))
 
 
 def enable() -> Path:
@@ -99,6 +101,11 @@ def record_task(seconds: float, batch_size: int, ok: bool) -> None:
     if ok:
         _metrics.latency.observe(seconds)
         _metrics.batch.observe(batch_size)
+
+
+def record_forward(texts: int) -> None:
+    if _metrics is not None:
+        _metrics.forward.observe(texts)
 
 
 def record_memory(figures_mb: dict[str, float]) -> None:

@@ -14,7 +14,9 @@ from producer.contract import ModelUnavailable
 from worker.stats import process_stats
 
 if TYPE_CHECKING:
+    from worker.batching import Batcher
     from worker.classifiers import SpamClassifier
+    from worker.score import Score
     from worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -23,6 +25,7 @@ log = logging.getLogger(__name__)
 class ModelRegistry:
     def __init__(self) -> None:
         self._models: dict[str, SpamClassifier] = {}
+        self._batchers: dict[str, Batcher] = {}
 
     def preload(self, settings: Settings) -> None:
         """Load every model in ``PRELOAD_MODELS`` completely, or raise ``ModelLoadError``."""
@@ -41,14 +44,26 @@ class ModelRegistry:
             process_stats.record_load(name, loaded)
             log.info("%s ready: %s", name, ", ".join(f"{k} {v:.2f}s" for k, v in loaded.timings.items()))
 
-    def resolve(self, requested: str) -> str:
-        """Map ``auto`` to a loaded model (KoELECTRA first); other names pass through."""
-        if requested != "auto":
-            return requested
-        for name in ("koelectra", "exaone"):
-            if name in self._models:
-                return name
-        raise ModelUnavailable("this worker process has no model loaded")
+    def enable_batching(self, max_wait_s: float) -> None:
+        """Route every ``score`` through one batcher per model (processes that run tasks concurrently)."""
+        from celery.worker import state
+
+        from worker.batching import Batcher
+
+        for name, classifier in self._models.items():
+            self._batchers[name] = Batcher(classifier, classifier.batch_size, max_wait_s,
+                                           in_flight=lambda: len(state.active_requests),
+                                           on_batch=process_stats.record_forward)
+        log.info("dynamic batching on: up to %s texts per forward pass, waiting at most %.1f ms",
+                 ", ".join(f"{n} {c.batch_size}" for n, c in self._models.items()), max_wait_s * 1000)
+
+    def has(self, name: str) -> bool:
+        return name in self._models
+
+    def score(self, name: str, texts: list[str]) -> list[Score]:
+        """Scores in input order, batched with the other tasks of this process when batching is on."""
+        batcher = self._batchers.get(name)
+        return batcher.score(texts) if batcher else self.get(name).score(texts)
 
     def get(self, name: str) -> SpamClassifier:
         try:

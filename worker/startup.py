@@ -4,6 +4,7 @@
   the main process before the fork, so children start with them in shared memory.
 - solo, threads (and other non-forking pools): the main process loads them while the worker is
   being built, before the consumer exists (``worker_process_init`` never fires for threads).
+  With more than one thread, concurrent tasks share forward passes (:mod:`worker.batching`).
 
 Celery logs and swallows exceptions from ``worker_process_init``, so a child whose load failed
 would serve with no model, and a child that exits is respawned forever. Instead the child records
@@ -79,6 +80,8 @@ def install(app, settings: Settings) -> None:
                 _Shared.loaded = context.Value(ctypes.c_int, 0)
             else:
                 _load_or_exit(settings)
+                if worker.concurrency > 1:  # threads: concurrent tasks share forward passes
+                    registry.enable_batching(settings.batch_wait_ms / 1000)
                 stats.process_stats.attach(_Shared.stats_folder, "main")
 
         def start(self, worker):

@@ -89,6 +89,7 @@ class ProcessStats:
         self.failed = 0
         self.latencies: deque[float] = deque(maxlen=_WINDOW)
         self.batch_sizes: deque[int] = deque(maxlen=_WINDOW)
+        self.forward_sizes: deque[int] = deque(maxlen=_WINDOW)
         self._lock = threading.Lock()
         self._dirty = threading.Event()
 
@@ -125,10 +126,17 @@ class ProcessStats:
                 self.failed += 1
         self._dirty.set()
 
+    def record_forward(self, texts: int) -> None:
+        """One dynamically batched forward pass of ``texts`` texts (threads pool)."""
+        metrics.record_forward(texts)
+        with self._lock:
+            self.forward_sizes.append(texts)
+
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
             latencies = list(self.latencies)
             sizes = list(self.batch_sizes)
+            forwards = list(self.forward_sizes)
             figures: dict[str, Any] = {"pid": os.getpid(), "label": self.label, "models": self.models,
                                        "tasks_done": self.done, "tasks_failed": self.failed}
         if latencies:
@@ -137,6 +145,9 @@ class ProcessStats:
             figures["latency_p95_ms"] = round(cuts[94] * 1000, 2)
             figures["batch_mean"] = round(sum(sizes) / len(sizes), 2)
             figures["batch_max"] = max(sizes)
+        if forwards:
+            figures["forward_batch_mean"] = round(sum(forwards) / len(forwards), 2)
+            figures["forward_batch_max"] = max(forwards)
         memory = memory_mb()
         metrics.record_memory(memory)
         figures.update(memory)

@@ -1,0 +1,70 @@
+"""The batcher coalesces concurrent callers and hands every caller its own scores."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from worker.batching import Batcher
+from worker.score import Score
+
+
+class SlowScorer:
+    """Scores a text by its length, slowly enough that callers pile up behind a pass."""
+
+    name = "slow"
+
+    def __init__(self, fail_on: str | None = None) -> None:
+        self.calls: list[int] = []
+        self.fail_on = fail_on
+
+    def score(self, texts: list[str]) -> list[Score]:
+        self.calls.append(len(texts))
+        time.sleep(0.05)
+        if self.fail_on in texts:
+            raise RuntimeError("boom")
+        return [Score(len(t) / 100, False) for t in texts]
+
+
+def _run_concurrently(batcher: Batcher, texts: list[str]) -> dict[str, object]:
+    out: dict[str, object] = {}
+
+    def call(text: str) -> None:
+        try:
+            out[text] = batcher.score([text])[0].spam_score
+        except RuntimeError as exc:
+            out[text] = exc
+
+    threads = [threading.Thread(target=call, args=(t,)) for t in texts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    return out
+
+
+def test_concurrent_callers_share_passes_and_get_their_own_scores():
+    scorer = SlowScorer()
+    batcher = Batcher(scorer, max_batch=8, max_wait_s=0.01, in_flight=lambda: 20)
+    texts = ["x" * n for n in range(1, 21)]
+    out = _run_concurrently(batcher, texts)
+    assert out == {t: len(t) / 100 for t in texts}
+    assert sum(scorer.calls) == 20 and max(scorer.calls) <= 8
+    assert len(scorer.calls) < 20, "some passes carried several callers"
+
+
+def test_a_lone_caller_does_not_wait_for_company():
+    batcher = Batcher(SlowScorer(), max_batch=8, max_wait_s=5.0, in_flight=lambda: 1)
+    start = time.perf_counter()
+    assert batcher.score(["abc"])[0].spam_score == pytest.approx(0.03)
+    assert time.perf_counter() - start < 1.0
+
+
+def test_a_failed_pass_fails_its_callers_only():
+    scorer = SlowScorer(fail_on="bad")
+    batcher = Batcher(scorer, max_batch=1, max_wait_s=0.0)
+    out = _run_concurrently(batcher, ["bad", "good"])
+    assert isinstance(out["bad"], RuntimeError) and out["good"] == pytest.approx(0.04)
+    assert batcher.score(["again"])[0].spam_score == pytest.approx(0.05)  # the batcher thread lives on

@@ -1,0 +1,87 @@
+"""Dynamic batching: the messages one worker process runs at the same time share forward passes.
+
+With ``--pool=threads`` a process runs up to ``--concurrency`` tasks at once. Each task hands its
+texts to the model's batcher and waits; one thread per model takes everything queued, up to
+``max_batch`` texts, and scores them in one call (which sorts by length to limit padding). While a
+pass runs, new texts queue up for the next one, so batches grow with the load by themselves. The
+batcher waits up to ``max_wait_s`` for more only while other tasks of this process are still on
+their way to it, so a lone message never waits. Every message stays an ordinary Celery task.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from typing import Protocol
+
+from worker.score import Score
+
+log = logging.getLogger(__name__)
+
+
+class Scorer(Protocol):
+    name: str
+
+    def score(self, texts: list[str]) -> list[Score]: ...
+
+
+class Batcher:
+    """Coalesces concurrent ``score`` calls into batched calls of ``scorer.score`` on one thread."""
+
+    def __init__(self, scorer: Scorer, max_batch: int, max_wait_s: float,
+                 in_flight: Callable[[], int] = lambda: 0, on_batch: Callable[[int], None] = lambda n: None) -> None:
+        self.scorer = scorer
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_s
+        self._in_flight = in_flight
+        self._on_batch = on_batch
+        self._queue: queue.SimpleQueue[tuple[str, Future]] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=f"batcher-{scorer.name}", daemon=True)
+        self._thread.start()
+
+    def score(self, texts: Sequence[str]) -> list[Score]:
+        """Scores in input order; blocks until every text was part of some forward pass."""
+        futures = []
+        for text in texts:
+            future: Future[Score] = Future()
+            self._queue.put((text, future))
+            futures.append(future)
+        return [f.result() for f in futures]
+
+    def _run(self) -> None:
+        while True:
+            batch = self._collect()
+            try:
+                scores = self.scorer.score([text for text, _ in batch])
+            except BaseException as exc:  # noqa: BLE001 - every waiting task must hear about it
+                log.exception("%s: a batched forward pass failed", self.scorer.name)
+                for _, future in batch:
+                    future.set_exception(exc)
+                continue
+            self._on_batch(len(batch))
+            for (_, future), score in zip(batch, scores, strict=True):
+                future.set_result(score)
+
+    def _collect(self) -> list[tuple[str, Future]]:
+        """The next batch: block for one text, take what is queued, wait briefly for the rest of
+        the tasks in flight (they would otherwise trail in one pass later)."""
+        batch = [self._queue.get()]
+        deadline = time.monotonic() + self.max_wait_s
+        while len(batch) < self.max_batch:
+            try:
+                batch.append(self._queue.get_nowait())
+                continue
+            except queue.Empty:
+                pass
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or len(batch) >= self._in_flight():
+                break
+            try:
+                batch.append(self._queue.get(timeout=remaining))
+            except queue.Empty:
+                break
+        return batch
