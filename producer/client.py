@@ -11,17 +11,18 @@ from collections.abc import Iterable, Iterator
 from celery import Celery
 from celery.result import AsyncResult
 
-from producer.contract import CLASSIFY, CLASSIFY_BATCH
+from producer.contract import CLASSIFY, CLASSIFY_BATCH, route
 from producer.settings import ProducerSettings
 
 
 def make_app(settings: ProducerSettings | None = None) -> Celery:
-    """A broker-only Celery app speaking JSON, like the workers."""
+    """A broker-only Celery app speaking JSON, like the workers, routing each model to its queue."""
     settings = settings or ProducerSettings.from_env()
     app = Celery("spam-producer", broker=settings.broker_url, backend=settings.result_backend)
     app.conf.update(
         task_serializer="json", accept_content=["json"], result_serializer="json",
         result_accept_content=["json"], task_send_sent_event=True, broker_connection_retry_on_startup=True,
+        task_routes=(route,),
     )
     return app
 

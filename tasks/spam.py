@@ -1,59 +1,191 @@
-"""``spam.classify`` and ``spam.classify_batch``: the task names in :mod:`producer.contract`."""
+"""``spam.classify`` and ``spam.classify_batch`` (the contract in :mod:`producer.contract`), and the
+internal tasks the workers send each other.
+
+Where work runs:
+- A task for a model this worker did not load is forwarded to that model's queue with
+  ``Task.replace``: the new task keeps the task id, so the caller's result handle still works.
+- ``auto`` is the cascade: KoELECTRA scores; a score inside ``CASCADE_BAND`` escalates the message
+  to EXAONE, here when this worker has it, else as ``spam.escalate`` on the ``spam.exaone`` queue.
+- A batch over ``BATCH_CHUNK_ITEMS`` texts becomes a chord of ``spam.classify_chunk`` tasks, so
+  several workers share it, joined in input order by ``spam.join_chunks``.
+"""
 
 from __future__ import annotations
+
+from celery import Signature, chord
 
 from producer.contract import (
     CLASSIFY,
     CLASSIFY_BATCH,
+    CLASSIFY_CHUNK,
+    DEFAULT_QUEUE,
+    ESCALATE,
+    ESCALATE_BATCH,
+    JOIN_CHUNKS,
     LABEL_HAM,
     LABEL_SPAM,
     ClassificationFailed,
     InvalidInput,
     ModelUnavailable,
+    queue_for,
 )
 from tasks.validation import check_model, check_text, check_texts
 from worker.celery import app, settings
 from worker.registry import registry
-from worker.stats import process_stats
+from worker.score import Score
+from worker.stats import TaskRecord, process_stats
+
+_ERRORS = (InvalidInput, ModelUnavailable, ClassificationFailed)
+_MAX_FORWARDS = 3  # a task bounced between workers more often than this has nowhere to go
 
 
-@app.task(name=CLASSIFY, throws=(InvalidInput, ModelUnavailable, ClassificationFailed))
-def classify(text: str, model: str = "auto") -> dict:
+@app.task(bind=True, name=CLASSIFY, throws=_ERRORS)
+def classify(self, text: str, model: str = "auto") -> dict:
     """Classify one message. Invalid input fails the task with ``InvalidInput`` (not retried)."""
     with process_stats.task():
         text = check_text(text, settings.max_text_chars)
-        name = registry.resolve(check_model(model))
-        score = registry.get(name).score([text])[0]
-        if score.error:
-            raise ClassificationFailed(f"{name}: {score.error}")
-        return _result(name, score)
+        model = check_model(model)
+        outcome = _classify_one(self.request, text, model)
+    return self.replace(outcome) if isinstance(outcome, Signature) else outcome
 
 
-@app.task(name=CLASSIFY_BATCH, throws=(InvalidInput, ModelUnavailable, ClassificationFailed))
-def classify_batch(texts: list, model: str = "auto") -> list[dict]:
+@app.task(bind=True, name=CLASSIFY_BATCH, throws=_ERRORS)
+def classify_batch(self, texts: list, model: str = "auto") -> list[dict]:
     """Classify many messages in input order; an invalid item gets ``{"error", "index"}``."""
     with process_stats.task() as record:
         texts = check_texts(texts, settings.max_batch_items)
-        name = registry.resolve(check_model(model))
-        results: list[dict | None] = [None] * len(texts)
-        valid: list[tuple[int, str]] = []
-        for i, text in enumerate(texts):
-            try:
-                valid.append((i, check_text(text, settings.max_text_chars)))
-            except InvalidInput as exc:
-                results[i] = {"error": str(exc), "index": i}
-        record.batch_size = len(valid)
-        if valid:
-            scores = registry.get(name).score([t for _, t in valid])
-            for (i, _), score in zip(valid, scores, strict=True):
-                results[i] = {"error": score.error, "index": i} if score.error else _result(name, score)
-        return results  # type: ignore[return-value]
+        model = check_model(model)
+        if model != "auto" and not registry.has(model):
+            outcome = _forward(self.request, model, classify_batch.si(texts, model))
+        elif len(texts) > settings.batch_chunk_items:
+            outcome = _split(texts, model)
+        else:
+            outcome = _classify_items(texts, model, 0, record)
+    return self.replace(outcome) if isinstance(outcome, Signature) else outcome
 
 
-def _result(model: str, score) -> dict:
-    return {
+@app.task(bind=True, name=CLASSIFY_CHUNK, throws=_ERRORS)
+def classify_chunk(self, texts: list, model: str, offset: int) -> list[dict]:
+    """One chunk of a split batch; item indices count from ``offset`` in the whole batch."""
+    with process_stats.task() as record:
+        if model != "auto" and not registry.has(model):
+            outcome = _forward(self.request, model, classify_chunk.si(texts, model, offset))
+        else:
+            outcome = _classify_items(texts, model, offset, record)
+    return self.replace(outcome) if isinstance(outcome, Signature) else outcome
+
+
+@app.task(name=JOIN_CHUNKS)
+def join_chunks(chunks: list[list[dict]]) -> list[dict]:
+    """The chord body of a split batch: the chunks' results, already in input order."""
+    return [item for chunk in chunks for item in chunk]
+
+
+@app.task(name=ESCALATE, throws=_ERRORS)
+def escalate(text: str, koelectra_score: float) -> dict:
+    """EXAONE's decision on a message KoELECTRA was unsure about (sent by a KoELECTRA-only worker)."""
+    with process_stats.task():
+        return _result("exaone", _score_one("exaone", text), koelectra_score)
+
+
+@app.task(name=ESCALATE_BATCH, throws=_ERRORS)
+def escalate_batch(results: list, items: list, offset: int) -> list[dict]:
+    """Fill in EXAONE's decisions for the ``[index, text, koelectra_score]`` items of ``results``."""
+    with process_stats.task() as record:
+        record.batch_size = len(items)
+        _escalate_items(results, [(i, text, Score(first, False)) for i, text, first in items], offset)
+        return results
+
+
+def _classify_one(request, text: str, model: str) -> dict | Signature:
+    if model != "auto":
+        if not registry.has(model):
+            return _forward(request, model, classify.si(text, model))
+        return _result(model, _score_one(model, text))
+    if not registry.has("koelectra"):
+        return _result("exaone", _score_one("exaone", text))
+    first = _score_one("koelectra", text)
+    if not _uncertain(first):
+        return _result("koelectra", first)
+    if registry.has("exaone"):
+        return _result("exaone", _score_one("exaone", text), first.spam_score)
+    return escalate.si(text, first.spam_score).set(queue=queue_for("exaone"))
+
+
+def _classify_items(texts: list, model: str, offset: int, record: TaskRecord) -> list[dict] | Signature:
+    results: list = [None] * len(texts)
+    valid: list[tuple[int, str]] = []
+    for i, text in enumerate(texts):
+        try:
+            valid.append((i, check_text(text, settings.max_text_chars)))
+        except InvalidInput as exc:
+            results[i] = {"error": str(exc), "index": offset + i}
+    record.batch_size = len(valid)
+    if not valid:
+        return results
+    name = model if model != "auto" else "koelectra" if registry.has("koelectra") else "exaone"
+    unsure: list[tuple[int, str, Score]] = []
+    for (i, text), score in zip(valid, registry.score(name, [t for _, t in valid]), strict=True):
+        if score.error:
+            results[i] = {"error": score.error, "index": offset + i}
+        elif model == "auto" and name == "koelectra" and _uncertain(score):
+            unsure.append((i, text, score))
+        else:
+            results[i] = _result(name, score)
+    if unsure and not registry.has("exaone"):
+        items = [[i, text, first.spam_score] for i, text, first in unsure]
+        return escalate_batch.si(results, items, offset).set(queue=queue_for("exaone"))
+    _escalate_items(results, unsure, offset)
+    return results
+
+
+def _escalate_items(results: list, unsure: list[tuple[int, str, Score]], offset: int) -> None:
+    if not unsure:
+        return
+    scores = registry.score("exaone", [text for _, text, _ in unsure])
+    for (i, _, first), score in zip(unsure, scores, strict=True):
+        results[i] = {"error": score.error, "index": offset + i} if score.error else \
+            _result("exaone", score, first.spam_score)
+
+
+def _split(texts: list, model: str) -> Signature:
+    size = settings.batch_chunk_items
+    # The chunks of an ``auto`` batch take the path this worker would: the cascade if it has KoELECTRA.
+    queue = queue_for(model if model != "auto" else "koelectra" if registry.has("koelectra") else "exaone")
+    chunks = [classify_chunk.si(texts[i:i + size], model, i).set(queue=queue) for i in range(0, len(texts), size)]
+    return chord(chunks, join_chunks.s().set(queue=DEFAULT_QUEUE))
+
+
+def _forward(request, model: str, signature: Signature) -> Signature:
+    """Send the task to ``model``'s queue, unless it came from there (a worker told to serve a
+    queue without loading its model) or has bounced too often."""
+    queue = queue_for(model)
+    came_from = (request.delivery_info or {}).get("routing_key")
+    if came_from == queue or (request.replaced_task_nesting or 0) >= _MAX_FORWARDS:
+        raise ModelUnavailable(f"model {model!r} is not loaded in this worker, which serves queue {came_from!r}")
+    return signature.set(queue=queue)
+
+
+def _score_one(model: str, text: str) -> Score:
+    score = registry.score(model, [text])[0]
+    if score.error:
+        raise ClassificationFailed(f"{model}: {score.error}")
+    return score
+
+
+def _uncertain(score: Score) -> bool:
+    band = settings.cascade_band
+    return band is not None and band[0] <= score.spam_score <= band[1]
+
+
+def _result(model: str, score: Score, koelectra_score: float | None = None) -> dict:
+    result = {
         "label": LABEL_SPAM if score.spam_score >= settings.spam_threshold else LABEL_HAM,
         "spam_score": score.spam_score,
         "model": model,
+        "escalated": koelectra_score is not None,
         "truncated": score.truncated,
     }
+    if koelectra_score is not None:
+        result["koelectra_score"] = koelectra_score
+    return result

@@ -39,6 +39,7 @@ class Models:
             "TORCH_DTYPE": "float32",
             "HF_HUB_OFFLINE": "1",
             "SNAPSHOT_DIR": str(self.snapshots),
+            "CASCADE_BAND": "",  # auto = KoELECTRA alone; the cascade tests set their band
         }
         env.update(overrides)
         return env
@@ -156,8 +157,9 @@ def worker_factory(redis_server: RedisServer, tmp_path: Path) -> Iterator:
     started: list[WorkerProcess] = []
 
     def start(env_vars: dict[str, str], pool: str = "prefork", concurrency: int = 2,
-              name: str = "worker") -> WorkerProcess:
-        broker, backend = redis_server.fresh_pair()
+              name: str = "worker", urls: tuple[str, str] | None = None) -> WorkerProcess:
+        """``urls``: the broker and backend of another worker, to run a fleet on one broker."""
+        broker, backend = urls or redis_server.fresh_pair()
         worker = start_worker(env_vars, broker, backend, tmp_path / f"{name}-{len(started)}.log", pool, concurrency)
         started.append(worker)
         return worker

@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
+from kombu import Exchange, Queue
+
+from producer.contract import DEFAULT_QUEUE, queue_for, route
 from worker.settings import Settings
+
+
+def worker_queues(settings: Settings) -> list[Queue]:
+    """The default queue (so clients that know only task names are served) and one queue per
+    preloaded model. ``celery worker -Q`` narrows it, e.g. GPU workers taking ``spam.exaone`` only."""
+    names = [DEFAULT_QUEUE, *(queue_for(m) for m in settings.preload_models)]
+    exchange = Exchange(DEFAULT_QUEUE)  # what Celery clients bind queues they do not declare to
+    return [Queue(name, exchange, routing_key=name) for name in names]
 
 
 def celery_config(settings: Settings) -> dict:
@@ -30,6 +41,10 @@ def celery_config(settings: Settings) -> dict:
         "result_backend_always_retry": True,
         "result_backend_max_retries": 30,
         "result_extended": True,
+        # Per-model queues: a fleet scales KoELECTRA and EXAONE workers separately.
+        "task_default_queue": DEFAULT_QUEUE,
+        "task_queues": worker_queues(settings),
+        "task_routes": (route,),
         # Flower shows tasks from these events.
         "worker_send_task_events": True,
         "task_send_sent_event": True,

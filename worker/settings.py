@@ -71,6 +71,14 @@ class Settings:
     max_text_chars: int = 20_000
     """Longer texts are refused; texts longer than the model's window are truncated and flagged."""
     max_batch_items: int = 1_000
+    batch_chunk_items: int = 250
+    """A batch task with more texts is split into chunk tasks of this size, served by any worker."""
+    batch_wait_ms: float = 2.0
+    """Dynamic batching (threads pool): how long a forward pass may wait for more of the messages
+    this process is already running. It never waits when no other message is in flight."""
+    cascade_band: tuple[float, float] | None = (0.2, 0.8)
+    """``model=auto``: KoELECTRA scores within ``low,high`` (inclusive) escalate to EXAONE. Empty
+    turns escalation off (KoELECTRA alone decides)."""
     exaone_max_tokens: int = 512
     """Token window for the EXAONE prompt (longer messages are truncated and flagged)."""
     load_timeout_s: float = 600.0
@@ -113,11 +121,17 @@ class Settings:
             raise SettingsError("DEVICE", f"{self.device!r} is not one of auto, cpu, cuda, cuda:N")
         if self.max_memory_gb is not None and self.max_memory_gb <= 0:
             raise SettingsError("MAX_MEMORY_GB", "must be a positive number of GB")
-        for name in ("batch_size", "max_text_chars", "max_batch_items", "exaone_max_tokens"):
+        for name in ("batch_size", "max_text_chars", "max_batch_items", "batch_chunk_items", "exaone_max_tokens"):
             if getattr(self, name) < 1:
                 raise SettingsError(name.upper(), "must be at least 1")
         if not 0.0 <= self.spam_threshold <= 1.0:
             raise SettingsError("SPAM_THRESHOLD", "must be between 0 and 1")
+        if self.batch_wait_ms < 0:
+            raise SettingsError("BATCH_WAIT_MS", "must be 0 or a positive number of milliseconds")
+        if self.cascade_band is not None:
+            low, high = self.cascade_band
+            if not 0.0 <= low <= high <= 1.0:
+                raise SettingsError("CASCADE_BAND", f"{low},{high} is not low,high with 0 <= low <= high <= 1")
         if self.task_time_limit_s <= 0:
             raise SettingsError("TASK_TIME_LIMIT_S", "must be a positive number of seconds")
         if self.visibility_timeout_s <= self.task_time_limit_s + 30:
@@ -170,6 +184,16 @@ def _parse(name: str, kind: object, raw: str) -> object:
             return float(raw)
         except ValueError:
             raise SettingsError(var, f"{raw!r} is not a number") from None
+    if kind == "tuple[float, float] | None":
+        if not raw:
+            return None
+        parts = [p.strip() for p in raw.split(",")]
+        try:
+            if len(parts) == 2:
+                return (float(parts[0]), float(parts[1]))
+        except ValueError:
+            pass
+        raise SettingsError(var, f"{raw!r} is not two numbers low,high (e.g. 0.2,0.8), or empty for none")
     if kind == "tuple[str, ...]":
         return tuple(dict.fromkeys(p.strip().lower() for p in raw.split(",") if p.strip()))
     return raw.lower() if name in ("torch_dtype", "device", "model_loader", "quantization_bits") else raw

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from celery import Celery
+from celery.result import AsyncResult
 
 from producer.client import SpamClient, make_app
 from producer.settings import ProducerSettings
@@ -21,9 +22,11 @@ def bare_app(worker: WorkerProcess) -> Celery:
     return Celery("bare", broker=worker.broker_url, backend=worker.backend_url)
 
 
-def wait_until_serving(worker: WorkerProcess, client: SpamClient, timeout: float = 180.0) -> dict:
-    """Classify one text; the task waits in the queue until the worker has loaded its models."""
-    handle = client.submit("준비 확인")
+def wait_until_serving(worker: WorkerProcess, client: SpamClient, timeout: float = 180.0,
+                       handle: AsyncResult | None = None) -> dict:
+    """Classify one text (or wait for ``handle``); the task waits in the queue until the worker has
+    loaded its models."""
+    handle = handle or client.submit("준비 확인")
     deadline = time.monotonic() + timeout
     while not handle.ready():
         if worker.process.poll() is not None:

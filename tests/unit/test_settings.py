@@ -24,7 +24,10 @@ def test_values_are_parsed():
         "PRELOAD_MODELS": " EXAONE , koelectra,exaone ", "USE_SAFETENSORS": "false", "LOW_CPU_MEM_USAGE": "0",
         "TORCH_DTYPE": "BFloat16", "MAX_MEMORY_GB": "7.5", "USE_QUANTIZATION": "yes", "DEVICE": "cuda:1",
         "KOELECTRA_ADAPTER_DIR": "", "EXAONE_ADAPTER_DIR": "~/adapters/exaone", "BATCH_SIZE": "4",
+        "CASCADE_BAND": " 0.3 , 0.7",
     }, dotenv=False)
+    assert s.cascade_band == (0.3, 0.7)
+    assert Settings.from_env({"CASCADE_BAND": ""}, dotenv=False).cascade_band is None
     assert s.preload_models == ("exaone", "koelectra")
     assert not s.use_safetensors and not s.low_cpu_mem_usage
     assert s.torch_dtype == "bfloat16" and s.max_memory_gb == 7.5 and s.use_quantization
@@ -45,6 +48,9 @@ def test_values_are_parsed():
     ({"CELERY_BROKER_URL": "localhost"}, "CELERY_BROKER_URL: must be a URL"),
     ({"SPAM_THRESHOLD": "2"}, "SPAM_THRESHOLD: must be between 0 and 1"),
     ({"METRICS_PORT": "70000"}, "METRICS_PORT: must be a TCP port"),
+    ({"CASCADE_BAND": "0.5"}, "CASCADE_BAND: '0.5' is not two numbers"),
+    ({"CASCADE_BAND": "0.8,0.2"}, "CASCADE_BAND: 0.8,0.2 is not low,high"),
+    ({"BATCH_WAIT_MS": "-1"}, "BATCH_WAIT_MS: must be 0 or a positive"),
 ])
 def test_bad_values_name_the_variable(env, message):
     with pytest.raises(SettingsError, match=message.replace("(", r"\(")):
