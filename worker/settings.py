@@ -159,6 +159,7 @@ class Settings:
     def source(self, name: str) -> ModelSource:
         """The model id and adapter folder configured for ``name``; an empty adapter dir means none."""
         model = getattr(self, f"{name}_model")
+        model = str(Path(model).expanduser()) if model.startswith("~") else model
         adapter = getattr(self, f"{name}_adapter_dir")
         return ModelSource(name=name, model=model, adapter_dir=Path(adapter).expanduser() if adapter else None)
 

@@ -212,9 +212,12 @@ def test_truncated_checkpoint_shard(models, tmp_path):
         load("exaone", base, None)
 
 
-def test_missing_model_folder(tmp_path):
-    with pytest.raises(ModelLoadError, match="no usable config"):
-        load("exaone", tmp_path / "nothing-here", None)
+@pytest.mark.parametrize("value", ["/srv/nothing-here", "./models/none", "../etc", "org/../x", "https://x.y/m",
+                                   "a/b/c", "~/none"])
+def test_model_that_is_neither_a_folder_nor_a_hub_id(value):
+    with pytest.raises(ModelLoadError, match=r"'exaone'.*neither an existing folder nor a Hub id"):
+        get_loader(SETTINGS).load_model(ModelSource("exaone", value, None))
+
 
 
 def test_out_of_memory_splits_the_batch_and_fails_only_the_item(models, monkeypatch):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,7 +64,22 @@ class LoadPlan:
         return self.model_id
 
 
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
+def check_model_source(source: ModelSource) -> None:
+    """A model is an existing local folder or a well-formed Hub id (``org/name``). Anything else (a
+    path that is not there, a traversal, a URL) is refused here with a clear line instead of being
+    handed to the Hub client as an id."""
+    value = source.model
+    if Path(value).is_dir():
+        return
+    if value.startswith(("/", ".", "~")) or ".." in value or not _HUB_ID.match(value):
+        raise ModelLoadError(source.name, f"model {value!r} is neither an existing folder nor a Hub id (org/name)")
+
+
 def resolve(source: ModelSource, settings: Settings) -> LoadPlan:
+    check_model_source(source)
     trust = settings.trust_remote_code
     try:
         raw, _ = PreTrainedConfig.get_config_dict(source.model)
