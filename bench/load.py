@@ -156,6 +156,15 @@ def child(mode: str, model: str, base: str, adapter: str, snapshots: str, classi
                 while n := fh.readinto(view):
                     total += n
         return {"load_s": time.perf_counter() - start, "bytes": total}
+    if mode != "guide":  # as the worker does: read the weights while the libraries import
+        from worker import prefetch
+        from worker.settings import Settings
+
+        settings = Settings.from_env({
+            "DEVICE": device, "TORCH_DTYPE": "bfloat16" if model == "exaone" else "float32", "MODEL_LOADER": "snapshot",
+            "SNAPSHOT_DIR": snapshots, "USE_QUANTIZATION": str(quantize).lower(), "PRELOAD_MODELS": model,
+            f"{model.upper()}_MODEL": base, f"{model.upper()}_ADAPTER_DIR": adapter}, dotenv=False)
+        prefetch.start(settings)
     import torch  # noqa: F401
     import transformers
 
@@ -192,14 +201,10 @@ def child(mode: str, model: str, base: str, adapter: str, snapshots: str, classi
     else:
         from worker.classifiers import SpamClassifier
         from worker.loading import get_loader
-        from worker.settings import ModelSource, Settings
 
         import_s = time.perf_counter() - t_import
-        settings = Settings.from_env({"DEVICE": device, "TORCH_DTYPE": "bfloat16" if model == "exaone" else "float32",
-                                      "MODEL_LOADER": "snapshot", "SNAPSHOT_DIR": snapshots,
-                                      "USE_QUANTIZATION": str(quantize).lower()}, dotenv=False)
         start = time.perf_counter()
-        loaded = get_loader(settings).load_model(ModelSource(model, base, Path(adapter)))
+        loaded = get_loader(settings).load_model(settings.source(model))
         classifier = SpamClassifier(loaded, batch_size=1)
         classifier.warm_up()  # what the worker does before it takes tasks: reads every weight
         _sync(device)

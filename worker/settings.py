@@ -63,6 +63,8 @@ class Settings:
     snapshot_dir: str = ""
     """Where prepared snapshots are kept; empty means ``$HF_HOME/spam-snapshots`` or
     ``~/.cache/spam-workers/snapshots``. Use a local SSD."""
+    prefetch_weights: bool = True
+    """Read the weight files into the page cache while torch and transformers import (overlaps them)."""
     trust_remote_code: bool = False
     spam_threshold: float = 0.5
     """A message is labelled spam when its spam score is at least this."""

@@ -32,7 +32,7 @@ from celery.exceptions import WorkerShutdown
 from celery.signals import worker_process_init
 from celery.worker import state
 
-from worker import metrics, stats
+from worker import metrics, prefetch, stats
 from worker.errors import ModelLoadError, first_line
 from worker.registry import registry
 from worker.settings import Settings
@@ -71,6 +71,8 @@ def install(app, settings: Settings) -> None:
             if settings.metrics_port:
                 _Shared.metrics_folder = metrics.enable()
             _Shared.forks = worker.pool_cls.__module__ == "celery.concurrency.prefork"
+            if settings.prefetch_weights:
+                prefetch.start(settings)  # reads the weights while the next line imports torch
             _import_libraries()
             _set_threads(settings, worker.concurrency if _Shared.forks else 1)
             if _Shared.forks:
