@@ -1,0 +1,297 @@
+"""Throughput benchmark: messages per second and latency through real Redis and real workers,
+side by side in one run, against the model's own batched forward pass in-process.
+
+    python bench/throughput.py                       # KoELECTRA-small dimensions, random values, CPU
+    python bench/throughput.py --messages 5000 --device cuda
+    python bench/throughput.py --model exaone --device cuda   # the synthetic EXAONE-2.4B of bench/load.py
+
+Modes, each against a fresh worker on its own Redis database, the producer keeping a fixed number
+of messages in flight (a closed loop, so latency means something):
+
+- ``a``: ``spam.classify`` on the default prefork worker: one forward pass per task;
+- ``b``: ``spam.classify`` on a threads-pool worker: dynamic batching across concurrent tasks;
+- ``c``: ``spam.classify_batch`` tasks of ``--chunk`` texts on the prefork worker;
+- ``d``: the ceiling: the same model's batched forward in-process, no queue (and batch 1 beside it).
+
+Latency is from sending a message to its result arriving (for ``c``, the batch's). Results are
+read the way Celery's ``get`` reads them, from the result backend's pub/sub channel. The producer,
+Redis and the worker share this machine's cores, as they would on one host.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+log = logging.getLogger("bench.throughput")
+
+PIECES = ["무료 쿠폰 당첨!", "지금 바로 링크를 클릭하세요", "내일 회의는 오후 3시입니다", "엄마 저녁 같이 먹어요",
+          "[광고] 최저가 할인 이벤트", "대출 한도 조회 무료", "택배가 도착했습니다", "확인 부탁드립니다",
+          "수신거부 080-123-4567", "고객님의 계좌가 정지되었습니다", "ㅋㅋㅋ 알겠어", "주말에 등산 갈래?"]
+
+
+def messages(count: int, seed: int = 0) -> list[str]:
+    """Korean SMS-like texts of 1-4 pieces (about 10-70 characters), the same for every mode."""
+    rng = random.Random(seed)
+    return [" ".join(rng.choices(PIECES, k=rng.randint(1, 4))) + f" {i}" for i in range(count)]
+
+
+# --- the ceiling, in a fresh process -----------------------------------------------------------------
+
+
+def ceiling(env: dict[str, str], model: str, texts: list[str], batch: int) -> dict:
+    """Load like a worker does, then time ``score`` on ``batch`` texts per call and on one text per call."""
+    os.environ.update(env)
+    import torch
+
+    from worker.classifiers import SpamClassifier
+    from worker.loading import get_loader
+    from worker.settings import Settings
+
+    settings = Settings.from_env(dotenv=False)
+    torch.set_num_threads(settings.torch_threads or os.cpu_count() or 1)
+    classifier = SpamClassifier(get_loader(settings).load_model(settings.source(model)), batch,
+                                settings.exaone_max_tokens if model == "exaone" else None)
+    classifier.score(texts[:batch])
+    lengths = classifier.tokenizer(texts, return_length=True)["length"]
+    figures = {"tokens_mean": round(sum(lengths) / len(lengths), 1), "threads": torch.get_num_threads()}
+    for label, size, sample in (("batched", batch, texts), ("batch1", 1, texts[: max(len(texts) // 8, 50)])):
+        latencies = []
+        start = time.perf_counter()
+        for i in range(0, len(sample), size):
+            t = time.perf_counter()
+            classifier.score(sample[i:i + size])
+            latencies.extend([time.perf_counter() - t] * len(sample[i:i + size]))
+        figures[label] = _figures(len(sample), time.perf_counter() - start, latencies)
+    return figures
+
+
+# --- real workers --------------------------------------------------------------------------------
+
+
+class Redis:
+    def __init__(self, workdir: Path) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.process = subprocess.Popen(
+            [shutil.which("redis-server") or "redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+             "--save", "", "--appendonly", "no", "--dir", str(workdir)], stdout=subprocess.DEVNULL)
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def url(self, db: int) -> str:
+        return f"redis://127.0.0.1:{self.port}/{db}"
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(10)
+
+
+class Collector:
+    """Sees every result the workers store (pub/sub, as ``AsyncResult.get`` does) and keeps a
+    bounded number of messages in flight."""
+
+    def __init__(self, backend_url: str, window: int) -> None:
+        import redis
+
+        self.sent: dict[str, tuple[float, int]] = {}
+        self.latencies: list[float] = []
+        self.failures = 0
+        self.slots = threading.Semaphore(window)
+        self.done = threading.Event()
+        self.expected = 0
+        self._pubsub = redis.Redis.from_url(backend_url).pubsub(ignore_subscribe_messages=True)
+        self._pubsub.psubscribe("celery-task-meta-*")
+        self._lock = threading.Lock()
+        threading.Thread(target=self._listen, daemon=True).start()
+
+    def close(self) -> None:
+        self._pubsub.punsubscribe()
+        self._pubsub.close()
+
+    def _listen(self) -> None:
+        import redis
+
+        try:
+            for message in self._pubsub.listen():
+                self._on_message(message)
+        except (redis.ConnectionError, ValueError, AttributeError):  # closed
+            return
+
+    def _on_message(self, message: dict) -> None:
+        if message["type"] == "pmessage":
+            meta = json.loads(message["data"])
+            if meta["status"] not in ("SUCCESS", "FAILURE"):
+                return
+            with self._lock:
+                sent = self.sent.pop(meta["task_id"], None)
+                if sent is None:
+                    return
+                start, count = sent
+                self.latencies.extend([time.perf_counter() - start] * count)
+                self.failures += meta["status"] == "FAILURE"
+                finished = len(self.latencies) >= self.expected
+            self.slots.release()
+            if finished:
+                self.done.set()
+
+    def run(self, send, items: list, per_item: int) -> float:
+        """Send every item through ``send`` (returns a task id), keeping the window full; seconds taken."""
+        self.expected = len(items) * per_item
+        start = time.perf_counter()
+        for item in items:
+            self.slots.acquire()
+            with self._lock:
+                task_id = send(item)
+                self.sent[task_id] = (time.perf_counter(), per_item)
+        if not self.done.wait(timeout=1800):
+            raise RuntimeError(f"only {len(self.latencies)} of {self.expected} results arrived")
+        return time.perf_counter() - start
+
+
+def served(env: dict[str, str], pool: str, concurrency: int, redis: Redis, db: int, send_kind: str,
+           texts: list[str], model: str, window: int, chunk: int, logdir: Path) -> dict:
+    """Start a worker, warm it up, drive ``texts`` through it, stop it; the figures."""
+    from celery import Celery
+
+    from producer.contract import CLASSIFY, CLASSIFY_BATCH, route
+
+    broker, backend = redis.url(db), redis.url(db + 1)
+    worker_env = {**os.environ, **env, "CELERY_BROKER_URL": broker, "CELERY_RESULT_BACKEND": backend}
+    log_file = (logdir / f"worker-{send_kind}-{pool}.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "celery", "-A", "worker", "worker", f"--pool={pool}",
+                             f"--concurrency={concurrency}", "--without-mingle", "--without-gossip", "-l", "WARNING"],
+                            cwd=ROOT, env=worker_env, stdout=log_file, stderr=subprocess.STDOUT)
+    # A sender without a result backend: results are collected by the Collector, not per handle.
+    app = Celery("bench", broker=broker)
+    app.conf.update(task_serializer="json", accept_content=["json"], task_routes=(route,))
+    try:
+        def send_one(text: str) -> str:
+            return app.send_task(CLASSIFY, args=[text], kwargs={"model": model}).id
+
+        def send_batch(batch: list[str]) -> str:
+            return app.send_task(CLASSIFY_BATCH, args=[batch], kwargs={"model": model}).id
+
+        warm = Collector(backend, window)
+        warm.run(send_one, texts[:window * 2], 1)  # waits in the queue until the worker has loaded
+        warm.close()
+        collector = Collector(backend, window)
+        if send_kind == "single":
+            seconds = collector.run(send_one, texts, 1)
+        else:
+            seconds = collector.run(send_batch, [texts[i:i + chunk] for i in range(0, len(texts), chunk)], chunk)
+        collector.close()
+        if collector.failures:
+            raise RuntimeError(f"{collector.failures} tasks failed; see {log_file.name}")
+        return _figures(len(texts), seconds, collector.latencies)
+    finally:
+        proc.terminate()
+        proc.wait(60)
+        app.close()
+
+
+def _figures(count: int, seconds: float, latencies: list[float]) -> dict:
+    cuts = statistics.quantiles(latencies, n=100, method="inclusive")
+    return {"messages": count, "seconds": round(seconds, 2), "msg_s": round(count / seconds, 1),
+            "p50_ms": round(cuts[49] * 1000, 1), "p99_ms": round(cuts[98] * 1000, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", type=Path, default=ROOT / ".cache" / "bench")
+    parser.add_argument("--model", choices=("koelectra", "exaone"), default="koelectra")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--messages", type=int, default=3000)
+    parser.add_argument("--batch", type=int, default=32, help="texts per forward pass (BATCH_SIZE)")
+    parser.add_argument("--chunk", type=int, default=64, help="texts per batch task in mode c")
+    parser.add_argument("--threads", type=int, default=32, help="threads-pool concurrency in mode b")
+    parser.add_argument("--ceiling", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    texts = messages(args.messages)
+    cores = os.cpu_count() or 1
+
+    if args.ceiling:  # the in-process ceiling, run as a child so the parent stays torch-free
+        print(json.dumps(ceiling(json.loads(args.ceiling), args.model, texts, args.batch)))
+        return
+
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    if args.model == "koelectra":
+        from bench.load import build_koelectra
+
+        base, adapter = build_koelectra(args.workdir)
+    else:
+        from bench.load import build_exaone, build_exaone_adapter
+
+        base, adapter = args.workdir / "exaone-2.4b", args.workdir / "exaone-lora"
+        build_exaone(base)
+        build_exaone_adapter(adapter, base)
+    prefix = args.model.upper()
+    env = {f"{prefix}_MODEL": str(base), f"{prefix}_ADAPTER_DIR": str(adapter), "PRELOAD_MODELS": args.model,
+           "DEVICE": args.device, "TORCH_DTYPE": "auto", "SNAPSHOT_DIR": str(args.workdir / "snapshots"),
+           "BATCH_SIZE": str(args.batch), "CASCADE_BAND": "", "HF_HUB_OFFLINE": "1", "TORCH_THREADS": "0",
+           "MAX_BATCH_ITEMS": str(max(args.chunk, 1000)), "BATCH_CHUNK_ITEMS": str(max(args.chunk, 250))}
+    prefork = 1 if args.device == "cuda" else cores  # one GPU: one process owns it
+
+    log.info("d: in-process ceiling")
+    out = subprocess.run([sys.executable, __file__, "--ceiling", json.dumps(env), "--model", args.model,
+                          "--messages", str(args.messages), "--batch", str(args.batch)],
+                         capture_output=True, text=True, cwd=ROOT, check=False)
+    if out.returncode:
+        raise SystemExit(out.stderr[-3000:])
+    results = json.loads(out.stdout.strip().splitlines()[-1])
+    redis = Redis(args.workdir)
+    try:
+        log.info("a: one forward pass per task (prefork, %d processes)", prefork)
+        results["a"] = served(env, "prefork", prefork, redis, 0, "single", texts, args.model, 4 * prefork,
+                              args.chunk, args.workdir)
+        log.info("b: dynamic batching (threads pool, %d threads)", args.threads)
+        results["b"] = served(env, "threads", args.threads, redis, 2, "single", texts, args.model, 2 * args.threads,
+                              args.chunk, args.workdir)
+        log.info("c: batch tasks of %d (prefork, %d processes)", args.chunk, prefork)
+        results["c"] = served(env, "prefork", prefork, redis, 4, "batch", texts, args.model, 2 * prefork,
+                              args.chunk, args.workdir)
+    finally:
+        redis.stop()
+    report(results, args)
+
+
+def report(results: dict, args: argparse.Namespace) -> None:
+    ceiling_rate = results["batched"]["msg_s"]
+    rows = [("a  classify, one forward per task", results["a"]), ("b  classify, dynamic batching", results["b"]),
+            ("c  classify_batch tasks", results["c"]), (f"d  in-process, batch {args.batch} (ceiling)",
+                                                        results["batched"]),
+            ("   in-process, batch 1", results["batch1"])]
+    print(f"\n{args.model}, {args.device}, {args.messages} messages of {results['tokens_mean']} tokens on average, "
+          f"{os.cpu_count()} cores")
+    print(f"{'mode':<36}{'msg/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'of d':>7}")
+    for label, fig in rows:
+        print(f"{label:<36}{fig['msg_s']:>9.1f}{fig['p50_ms']:>9.1f}{fig['p99_ms']:>9.1f}"
+              f"{fig['msg_s'] / ceiling_rate:>7.0%}")
+    print(f"b/a = {results['b']['msg_s'] / results['a']['msg_s']:.2f}x, "
+          f"ceiling batched/batch-1 = {ceiling_rate / results['batch1']['msg_s']:.2f}x")
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
