@@ -10,7 +10,7 @@ from typing import IO
 
 INPUT_FORMATS = ("txt", "csv", "jsonl")
 OUTPUT_FORMATS = ("jsonl", "csv")
-OUTPUT_COLUMNS = ("index", "label", "spam_score", "model", "truncated", "error")
+OUTPUT_COLUMNS = ("index", "label", "spam_score", "model", "escalated", "koelectra_score", "truncated", "error")
 
 
 def detect_format(path: Path, allowed: tuple[str, ...], given: str | None = None) -> str:
@@ -22,45 +22,66 @@ def detect_format(path: Path, allowed: tuple[str, ...], given: str | None = None
 
 
 def read_texts(path: Path, fmt: str, field: str = "text") -> Iterator[str]:
-    """Yield one text per record; a record without the field is an error naming its line."""
-    with path.open(encoding="utf-8", newline="") as fh:
-        if fmt == "txt":
-            for line in fh:
-                yield line.rstrip("\r\n")
-        elif fmt == "csv":
-            reader = csv.DictReader(fh)
-            if reader.fieldnames is None or field not in reader.fieldnames:
-                raise ValueError(f"{path}: no column {field!r} (columns: {reader.fieldnames})")
-            for row in reader:
-                yield row[field]
-        else:
-            for number, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                record = json.loads(line)
-                if not isinstance(record, dict) or field not in record:
-                    raise ValueError(f"{path}:{number}: no field {field!r}")
-                yield record[field]
+    """Yield one text per record; a record that cannot be read is an error naming its line."""
+    try:
+        with path.open(encoding="utf-8", newline="") as fh:
+            if fmt == "txt":
+                for line in fh:
+                    yield line.rstrip("\r\n")
+            elif fmt == "csv":
+                yield from _csv_texts(path, fh, field)
+            else:
+                yield from _jsonl_texts(path, fh, field)
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text ({exc.reason})") from None
 
 
-def count_records(path: Path, fmt: str) -> int:
-    with path.open("rb") as fh:
-        lines = sum(1 for line in fh if fmt != "jsonl" or line.strip())
-    return lines - 1 if fmt == "csv" else lines
+def _csv_texts(path: Path, fh: IO[str], field: str) -> Iterator[str]:
+    reader = csv.DictReader(fh)
+    try:
+        if reader.fieldnames is None or field not in reader.fieldnames:
+            raise ValueError(f"{path}: no column {field!r} (columns: {reader.fieldnames})")
+        for row in reader:
+            yield row[field]
+    except csv.Error as exc:
+        raise ValueError(f"{path}:{reader.reader.line_num}: {exc}") from None
+
+
+def _jsonl_texts(path: Path, fh: IO[str], field: str) -> Iterator[str]:
+    for number, line in enumerate(fh, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{number}: not JSON ({exc.msg})") from None
+        if not isinstance(record, dict) or field not in record:
+            raise ValueError(f"{path}:{number}: no field {field!r}")
+        yield record[field]
+
+
+def count_records(path: Path, fmt: str, field: str = "text") -> int:
+    """Records in the file, read the way :func:`read_texts` reads them: a CSV field holding a line
+    break counts once, and a bad record fails here, before any of the file is sent."""
+    return sum(1 for _ in read_texts(path, fmt, field))
 
 
 class ResultWriter:
-    """Writes result rows in the chosen format; one row per input record, in input order."""
+    """Writes result rows in the chosen format; one row per input record, in input order.
 
-    def __init__(self, fh: IO[str], fmt: str) -> None:
+    ``index`` is the record's place in the whole input: it replaces the ``index`` of a batch item
+    error, which counts within its batch task. ``header=False`` continues a CSV file that has one.
+    """
+
+    def __init__(self, fh: IO[str], fmt: str, header: bool = True) -> None:
         self.fh = fh
         self.fmt = fmt
         self.csv = csv.DictWriter(fh, fieldnames=OUTPUT_COLUMNS, extrasaction="ignore") if fmt == "csv" else None
-        if self.csv is not None:
+        if self.csv is not None and header:
             self.csv.writeheader()
 
     def write(self, index: int, result: dict) -> None:
-        row = {"index": index, **result}
+        row = {"index": index, **{k: v for k, v in result.items() if k != "index"}}
         if self.csv is not None:
             self.csv.writerow(row)
         else:

@@ -8,10 +8,12 @@ import json
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 import redis
 
+from producer.jobs import state_path
 from tests.conftest import ROOT
 from tests.integration.helpers import client_for, wait_until_serving
 
@@ -48,8 +50,10 @@ def test_producer_enqueues_with_torch_unavailable(redis_server):
     out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     single_id, batch_id = out.stdout.split()
-    messages = [json.loads(m) for m in redis.Redis.from_url(broker).lrange("celery", 0, -1)]
-    by_id = {m["headers"]["id"]: m for m in messages}
+    queues = redis.Redis.from_url(broker)
+    by_id = {json.loads(m)["headers"]["id"]: json.loads(m) for m in queues.lrange("spam.exaone", 0, -1)}
+    assert single_id in by_id  # an explicit model goes to its own queue, "auto" to the default one
+    by_id.update({json.loads(m)["headers"]["id"]: json.loads(m) for m in queues.lrange("celery", 0, -1)})
     assert by_id[single_id]["headers"]["task"] == "spam.classify"
     assert by_id[single_id]["content-type"] == "application/json"
     args, kwargs, _ = json.loads(base64.b64decode(by_id[single_id]["body"]))
@@ -92,3 +96,62 @@ def test_classify_cli_prints_json(prefork_worker):
     assert run.returncode == 0, run.stderr
     result = json.loads(run.stdout)
     assert result["model"] == "exaone" and result["label"] in ("spam", "ham")
+
+
+@pytest.mark.timeout(900)  # the shared worker may start here; three CLI runs on a loaded machine
+def test_batch_cli_resumes_a_killed_job_with_one_row_per_line(served, tmp_path):
+    """SIGKILL a batch job part-way, tear its last row, resume: the output is what an uninterrupted
+    run writes, one row per input line, in order, with no second CSV header."""
+    worker, _ = served
+    lines = 400
+    texts = [f"{i}번: {'무료 쿠폰 당첨! 지금 클릭' if i % 3 == 0 else '내일 회의는 3시입니다'}" for i in range(lines)]
+    texts[13] = ""  # an error row; its index within its batch task is 5
+    source = tmp_path / "in.txt"
+    source.write_text("".join(t + "\n" for t in texts), encoding="utf-8")
+    env = {"CELERY_BROKER_URL": worker.broker_url, "CELERY_RESULT_BACKEND": worker.backend_url,
+           "PATH": "/usr/bin:/bin", "PYTHONUNBUFFERED": "1"}
+
+    def batch(out, *extra: str) -> list[str]:
+        return [sys.executable, "-m", "producer", "--timeout", "240", "batch", str(source), "--out", str(out),
+                "--chunk-size", "8", "--window", "2", "--model", "koelectra", "--no-progress", *extra]
+
+    def read(out) -> list[dict]:
+        with out.open(newline="", encoding="utf-8") as fh:
+            return list(csv.DictReader(fh))
+
+    reference = tmp_path / "reference.csv"
+    done = subprocess.run(batch(reference), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+
+    out = tmp_path / "out.csv"
+    with (tmp_path / "killed.log").open("w") as log:
+        job = subprocess.Popen(batch(out), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 300
+            while not out.exists() or out.read_bytes().count(b"\n") - 1 < 3 * 8:  # lines after the header
+                assert job.poll() is None, (tmp_path / "killed.log").read_text()
+                assert time.monotonic() < deadline, "no rows after 300 s"
+                time.sleep(0.01)
+        finally:
+            job.kill()
+            job.wait(timeout=30)
+    assert state_path(out).exists(), "the job ended before it could be killed; make the input longer"
+    state = json.loads(state_path(out).read_text())
+    assert 0 < state["written"] < lines
+    with out.open("a", encoding="utf-8") as fh:
+        fh.write("399,spam,0.9")  # a row torn by the kill
+
+    resumed = subprocess.run(batch(out, "--resume"), cwd=ROOT, env=env, capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming {out} at record {state['written']} of {lines}" in resumed.stderr
+    assert f"{lines} records, 1 errors" in resumed.stderr
+    assert f"{len(state['in_flight'])} chunks re-attached, 0 sent again" in resumed.stderr
+    assert not state_path(out).exists()
+    rows, expected = read(out), read(reference)
+    assert [r["index"] for r in rows] == [str(i) for i in range(lines)]
+    assert rows[13]["error"] == "text is empty"
+    assert [r["label"] for r in rows] == [r["label"] for r in expected]
+    scores = [float(r["spam_score"]) for r in rows if r["spam_score"]]
+    assert len(scores) == lines - 1
+    assert scores == pytest.approx([float(r["spam_score"]) for r in expected if r["spam_score"]], abs=1e-6)

@@ -17,6 +17,7 @@ def test_reads_each_format(tmp_path):
     assert count_records(tmp_path / "a.txt", "txt") == 4
     (tmp_path / "a.csv").write_text('id,text\n1,"쉼표, 포함"\n2,"줄\n바꿈"\n', encoding="utf-8")
     assert list(read_texts(tmp_path / "a.csv", "csv")) == ["쉼표, 포함", "줄\n바꿈"]
+    assert count_records(tmp_path / "a.csv", "csv") == 2  # records, not lines
     (tmp_path / "a.jsonl").write_text('{"text": "가"}\n\n{"text": "나", "x": 1}\n', encoding="utf-8")
     assert list(read_texts(tmp_path / "a.jsonl", "jsonl")) == ["가", "나"]
     assert count_records(tmp_path / "a.jsonl", "jsonl") == 2
@@ -29,6 +30,18 @@ def test_missing_column_or_field_is_named(tmp_path):
     (tmp_path / "a.jsonl").write_text('{"body": "x"}\n', encoding="utf-8")
     with pytest.raises(ValueError, match=r"a.jsonl:1: no field 'text'"):
         list(read_texts(tmp_path / "a.jsonl", "jsonl"))
+
+
+def test_unreadable_records_are_named(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"text": "가"}\n\n{"text": 나}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"a.jsonl:3: not JSON \(Expecting value\)"):
+        count_records(tmp_path / "a.jsonl", "jsonl", "text")
+    (tmp_path / "a.csv").write_text("text\n가\n" + "나" * 200_000 + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"a.csv:3: field larger than field limit"):
+        list(read_texts(tmp_path / "a.csv", "csv"))
+    (tmp_path / "a.txt").write_bytes("가\n".encode() + b"\xff\n")
+    with pytest.raises(ValueError, match=r"a.txt: not UTF-8 text \(invalid start byte\)"):
+        list(read_texts(tmp_path / "a.txt", "txt"))
 
 
 def test_detect_format(tmp_path):
@@ -51,3 +64,11 @@ def test_writers():
     writer.write(0, result)
     rows = list(csv.DictReader(io.StringIO(buf.getvalue())))
     assert rows[0]["label"] == "spam" and rows[0]["error"] == ""
+    ResultWriter(buf, "csv", header=False).write(1, result)  # continuing a file that has its header
+    assert len(list(csv.DictReader(io.StringIO(buf.getvalue())))) == 2
+
+
+def test_rows_carry_the_index_in_the_whole_input():
+    buf = io.StringIO()
+    ResultWriter(buf, "jsonl").write(70, {"error": "text is empty", "index": 6})  # 6 within its batch task
+    assert json.loads(buf.getvalue()) == {"index": 70, "error": "text is empty"}
