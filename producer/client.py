@@ -50,26 +50,30 @@ class SpamClient:
 
     def classify_many(self, texts: Iterable[str], model: str = "auto", chunk_size: int = 64,
                       window: int = 8) -> Iterator[dict]:
-        """Results in input order, keeping at most ``window`` batch tasks in flight."""
-        pending: list[AsyncResult] = []
+        """Results in input order, keeping at most ``window`` batch tasks in flight. An item error's
+        ``index`` counts from the first text, not from the start of its chunk."""
+        pending: list[tuple[int, AsyncResult]] = []
         chunk: list[str] = []
+        offset = 0
         for text in texts:
             chunk.append(text)
             if len(chunk) == chunk_size:
-                pending.append(self.submit_batch(chunk, model))
+                pending.append((offset, self.submit_batch(chunk, model)))
+                offset += len(chunk)
                 chunk = []
                 while len(pending) >= window:
-                    yield from self._collect(pending.pop(0))
+                    yield from self._collect(*pending.pop(0))
         if chunk:
-            pending.append(self.submit_batch(chunk, model))
-        for handle in pending:
-            yield from self._collect(handle)
+            pending.append((offset, self.submit_batch(chunk, model)))
+        for start, handle in pending:
+            yield from self._collect(start, handle)
 
-    def _collect(self, handle: AsyncResult) -> list[dict]:
+    def _collect(self, offset: int, handle: AsyncResult) -> list[dict]:
         try:
-            return handle.get(timeout=self.timeout)
+            results = handle.get(timeout=self.timeout)
         finally:
             handle.forget()
+        return [{**r, "index": r["index"] + offset} if "error" in r else r for r in results]
 
     def close(self) -> None:
         self.app.close()

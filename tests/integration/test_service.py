@@ -68,9 +68,12 @@ def test_batch_keeps_input_order_and_matches_single_calls(served, model):
 def test_classify_many_streams_results_in_order(served):
     _, client = served
     texts = [f"{TEXTS[i % len(TEXTS)]} {i}" for i in range(23)]
+    texts[17] = ""
     streamed = list(client.classify_many(texts, "koelectra", chunk_size=5, window=2))
     singles = client.submit_batch(texts, "koelectra").get(timeout=60)
-    assert [r["spam_score"] for r in streamed] == pytest.approx([r["spam_score"] for r in singles], abs=1e-6)
+    assert streamed[17] == singles[17] == {"error": "text is empty", "index": 17}  # not 2, its place in its chunk
+    kept = [r["spam_score"] for i, r in enumerate(singles) if i != 17]
+    assert [r["spam_score"] for i, r in enumerate(streamed) if i != 17] == pytest.approx(kept, abs=1e-6)
 
 
 def test_bad_input_gets_a_clear_error_and_the_worker_stays_up(served):
@@ -90,10 +93,13 @@ def test_bad_input_gets_a_clear_error_and_the_worker_stays_up(served):
     _check_result(client.classify(TEXTS[0]), "koelectra")
 
 
-def test_unloaded_model_is_reported(worker_factory, models):
-    worker = worker_factory(models.env(PRELOAD_MODELS="koelectra"), pool="solo", concurrency=1, name="ko-only")
+def test_a_worker_serving_a_queue_without_its_model_reports_it(worker_factory, models):
+    # Misconfigured: told to serve spam.exaone without loading EXAONE. The task fails clearly
+    # instead of being forwarded back to the queue it came from.
+    worker = worker_factory(models.env(PRELOAD_MODELS="koelectra"), pool="solo", concurrency=1, name="ko-only",
+                            args=("--queues=celery,spam.exaone",))
     client = client_for(worker)
     wait_until_serving(worker, client)
-    with pytest.raises(ModelUnavailable, match="'exaone' is not loaded"):
+    with pytest.raises(ModelUnavailable, match="'exaone' is not loaded in this worker, which serves queue 'spam.exa"):
         client.classify("hello", model="exaone")
     client.close()
