@@ -11,7 +11,8 @@ of messages in flight (a closed loop, so latency means something):
 - ``a``: ``spam.classify`` on the default prefork worker: one forward pass per task;
 - ``b``: ``spam.classify`` on a threads-pool worker: dynamic batching across concurrent tasks;
 - ``c``: ``spam.classify_batch`` tasks of ``--chunk`` texts on the prefork worker;
-- ``d``: the ceiling: the same model's batched forward in-process, no queue (and batch 1 beside it).
+- ``d``: the ceiling: the same model's batched forward in-process, no queue, the faster of one
+  intra-op thread and one per core (and batch 1 beside it).
 
 Latency is from sending a message to its result arriving (for ``c``, the batch's). Results are
 read the way Celery's ``get`` reads them, from the result backend's pub/sub channel. The producer,
@@ -63,20 +64,24 @@ def ceiling(env: dict[str, str], model: str, texts: list[str], batch: int) -> di
     from worker.settings import Settings
 
     settings = Settings.from_env(dotenv=False)
-    torch.set_num_threads(settings.torch_threads or os.cpu_count() or 1)
     classifier = SpamClassifier(get_loader(settings).load_model(settings.source(model)), batch,
                                 settings.exaone_max_tokens if model == "exaone" else None)
-    classifier.score(texts[:batch])
     lengths = classifier.tokenizer(texts, return_length=True)["length"]
-    figures = {"tokens_mean": round(sum(lengths) / len(lengths), 1), "threads": torch.get_num_threads()}
-    for label, size, sample in (("batched", batch, texts), ("batch1", 1, texts[: max(len(texts) // 8, 50)])):
-        latencies = []
-        start = time.perf_counter()
-        for i in range(0, len(sample), size):
-            t = time.perf_counter()
-            classifier.score(sample[i:i + size])
-            latencies.extend([time.perf_counter() - t] * len(sample[i:i + size]))
-        figures[label] = _figures(len(sample), time.perf_counter() - start, latencies)
+    figures: dict = {"tokens_mean": round(sum(lengths) / len(lengths), 1)}
+    # The ceiling is the best this process does, with one intra-op thread or one per core.
+    for threads in sorted({1, os.cpu_count() or 1}):
+        torch.set_num_threads(threads)
+        classifier.score(texts[:batch])
+        for label, size, sample in (("batched", batch, texts), ("batch1", 1, texts[: max(len(texts) // 8, 50)])):
+            latencies = []
+            start = time.perf_counter()
+            for i in range(0, len(sample), size):
+                t = time.perf_counter()
+                classifier.score(sample[i:i + size])
+                latencies.extend([time.perf_counter() - t] * len(sample[i:i + size]))
+            run = {**_figures(len(sample), time.perf_counter() - start, latencies), "threads": threads}
+            if label not in figures or run["msg_s"] > figures[label]["msg_s"]:
+                figures[label] = run
     return figures
 
 
@@ -225,6 +230,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32, help="texts per forward pass (BATCH_SIZE)")
     parser.add_argument("--chunk", type=int, default=64, help="texts per batch task in mode c")
     parser.add_argument("--threads", type=int, default=32, help="threads-pool concurrency in mode b")
+    parser.add_argument("--modes", default="abc", help="which of the served modes a, b, c to run (d always runs)")
+    parser.add_argument("--worker-env", default="", help="extra worker settings, e.g. TORCH_THREADS=1,BATCH_WAIT_MS=5")
     parser.add_argument("--ceiling", help=argparse.SUPPRESS)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -251,6 +258,7 @@ def main() -> None:
            "DEVICE": args.device, "TORCH_DTYPE": "auto", "SNAPSHOT_DIR": str(args.workdir / "snapshots"),
            "BATCH_SIZE": str(args.batch), "CASCADE_BAND": "", "HF_HUB_OFFLINE": "1", "TORCH_THREADS": "0",
            "MAX_BATCH_ITEMS": str(max(args.chunk, 1000)), "BATCH_CHUNK_ITEMS": str(max(args.chunk, 250))}
+    env.update(dict(item.split("=", 1) for item in args.worker_env.split(",") if item))
     prefork = 1 if args.device == "cuda" else cores  # one GPU: one process owns it
 
     log.info("d: in-process ceiling")
@@ -262,15 +270,18 @@ def main() -> None:
     results = json.loads(out.stdout.strip().splitlines()[-1])
     redis = Redis(args.workdir)
     try:
-        log.info("a: one forward pass per task (prefork, %d processes)", prefork)
-        results["a"] = served(env, "prefork", prefork, redis, 0, "single", texts, args.model, 4 * prefork,
-                              args.chunk, args.workdir)
-        log.info("b: dynamic batching (threads pool, %d threads)", args.threads)
-        results["b"] = served(env, "threads", args.threads, redis, 2, "single", texts, args.model, 2 * args.threads,
-                              args.chunk, args.workdir)
-        log.info("c: batch tasks of %d (prefork, %d processes)", args.chunk, prefork)
-        results["c"] = served(env, "prefork", prefork, redis, 4, "batch", texts, args.model, 2 * prefork,
-                              args.chunk, args.workdir)
+        if "a" in args.modes:
+            log.info("a: one forward pass per task (prefork, %d processes)", prefork)
+            results["a"] = served(env, "prefork", prefork, redis, 0, "single", texts, args.model, 4 * prefork,
+                                  args.chunk, args.workdir)
+        if "b" in args.modes:
+            log.info("b: dynamic batching (threads pool, %d threads)", args.threads)
+            results["b"] = served(env, "threads", args.threads, redis, 2, "single", texts, args.model,
+                                  2 * args.threads, args.chunk, args.workdir)
+        if "c" in args.modes:
+            log.info("c: batch tasks of %d (prefork, %d processes)", args.chunk, prefork)
+            results["c"] = served(env, "prefork", prefork, redis, 4, "batch", texts, args.model, 2 * prefork,
+                                  args.chunk, args.workdir)
     finally:
         redis.stop()
     report(results, args)
@@ -278,18 +289,20 @@ def main() -> None:
 
 def report(results: dict, args: argparse.Namespace) -> None:
     ceiling_rate = results["batched"]["msg_s"]
-    rows = [("a  classify, one forward per task", results["a"]), ("b  classify, dynamic batching", results["b"]),
-            ("c  classify_batch tasks", results["c"]), (f"d  in-process, batch {args.batch} (ceiling)",
-                                                        results["batched"]),
-            ("   in-process, batch 1", results["batch1"])]
+    rows = [(label, results[key]) for key, label in (
+        ("a", "a  classify, one forward per task"), ("b", "b  classify, dynamic batching"),
+        ("c", "c  classify_batch tasks"),
+        ("batched", f"d  in-process, batch {args.batch}, {results['batched']['threads']} thread(s) (ceiling)"),
+        ("batch1", f"   in-process, batch 1, {results['batch1']['threads']} thread(s)")) if key in results]
     print(f"\n{args.model}, {args.device}, {args.messages} messages of {results['tokens_mean']} tokens on average, "
           f"{os.cpu_count()} cores")
-    print(f"{'mode':<36}{'msg/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'of d':>7}")
+    print(f"{'mode':<48}{'msg/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'of d':>7}")
     for label, fig in rows:
-        print(f"{label:<36}{fig['msg_s']:>9.1f}{fig['p50_ms']:>9.1f}{fig['p99_ms']:>9.1f}"
+        print(f"{label:<48}{fig['msg_s']:>9.1f}{fig['p50_ms']:>9.1f}{fig['p99_ms']:>9.1f}"
               f"{fig['msg_s'] / ceiling_rate:>7.0%}")
-    print(f"b/a = {results['b']['msg_s'] / results['a']['msg_s']:.2f}x, "
-          f"ceiling batched/batch-1 = {ceiling_rate / results['batch1']['msg_s']:.2f}x")
+    if "a" in results and "b" in results:
+        print(f"b/a = {results['b']['msg_s'] / results['a']['msg_s']:.2f}x")
+    print(f"ceiling batched/batch-1 = {ceiling_rate / results['batch1']['msg_s']:.2f}x")
     print(json.dumps(results))
 
 

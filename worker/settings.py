@@ -86,7 +86,8 @@ class Settings:
     load_timeout_s: float = 600.0
     """How long a worker process may take to load its models before Celery gives up on it."""
     torch_threads: int = 0
-    """Intra-op threads per worker process; 0 divides the machine's cores among the processes."""
+    """Intra-op threads per worker process; 0 divides the machine's cores among the processes (a
+    threads-pool worker keeps one core for Celery's threads)."""
     task_time_limit_s: float = 300.0
     """A task still running after this gets ``SoftTimeLimitExceeded``; 30 s later its process is killed."""
     visibility_timeout_s: float = 3600.0

@@ -74,7 +74,8 @@ def install(app, settings: Settings) -> None:
             if settings.prefetch_weights:
                 prefetch.start(settings)  # reads the weights while the next line imports torch
             _import_libraries()
-            _set_threads(settings, worker.concurrency if _Shared.forks else 1)
+            _set_threads(settings, worker.concurrency if _Shared.forks else 1,
+                         spare=not _Shared.forks and worker.concurrency > 1)
             if _Shared.forks:
                 context = multiprocessing.get_context("fork")
                 _Shared.failure = context.Array(ctypes.c_char, 2048)
@@ -196,9 +197,13 @@ def _import_libraries() -> None:
     transformers.logging.disable_progress_bar()
 
 
-def _set_threads(settings: Settings, processes: int) -> None:
-    """Share the cores among the worker processes instead of oversubscribing them."""
+def _set_threads(settings: Settings, processes: int, spare: bool = False) -> None:
+    """Share the cores among the worker processes instead of oversubscribing them. A threads-pool
+    worker keeps one core for Celery's own threads (receiving, events, results): torch's intra-op
+    threads stall each other badly when one of them is descheduled."""
     import torch
 
-    _Shared.threads = settings.torch_threads or max(1, (os.cpu_count() or 1) // max(1, processes))
+    cores = os.cpu_count() or 1
+    automatic = max(1, cores - 1) if spare else max(1, cores // max(1, processes))
+    _Shared.threads = settings.torch_threads or automatic
     torch.set_num_threads(_Shared.threads)
