@@ -201,18 +201,39 @@ def served(env: dict[str, str], pool: str, concurrency: int, redis: Redis, db: i
         warm.run(send_one, texts[:window * 2], 1)  # waits in the queue until the worker has loaded
         warm.close()
         collector = Collector(backend, window)
+        cpu_before = {"worker": cpu_seconds(proc.pid), "redis": cpu_seconds(redis.process.pid),
+                      "producer": time.process_time()}
         if send_kind == "single":
             seconds = collector.run(send_one, texts, 1)
         else:
             seconds = collector.run(send_batch, [texts[i:i + chunk] for i in range(0, len(texts), chunk)], chunk)
+        cpu = {"worker": cpu_seconds(proc.pid), "redis": cpu_seconds(redis.process.pid),
+               "producer": time.process_time()}
         collector.close()
         if collector.failures:
             raise RuntimeError(f"{collector.failures} tasks failed; see {log_file.name}")
-        return _figures(len(texts), seconds, collector.latencies)
+        figures = _figures(len(texts), seconds, collector.latencies)
+        # Where the cores went, per message: the worker (model and Celery), Redis, this producer.
+        figures["cpu_ms_per_msg"] = {k: round((cpu[k] - cpu_before[k]) * 1000 / len(texts), 2) for k in cpu}
+        return figures
     finally:
         proc.terminate()
         proc.wait(60)
         app.close()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process and its live children (prefork children)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if stat.parent.name == str(pid) or fields[1] == str(pid):  # the process, or its child
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
 
 
 def _figures(count: int, seconds: float, latencies: list[float]) -> dict:
@@ -296,10 +317,12 @@ def report(results: dict, args: argparse.Namespace) -> None:
         ("batch1", f"   in-process, batch 1, {results['batch1']['threads']} thread(s)")) if key in results]
     print(f"\n{args.model}, {args.device}, {args.messages} messages of {results['tokens_mean']} tokens on average, "
           f"{os.cpu_count()} cores")
-    print(f"{'mode':<48}{'msg/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'of d':>7}")
+    print(f"{'mode':<48}{'msg/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'of d':>7}   CPU ms/msg: worker redis producer")
     for label, fig in rows:
+        cpu = fig.get("cpu_ms_per_msg")
         print(f"{label:<48}{fig['msg_s']:>9.1f}{fig['p50_ms']:>9.1f}{fig['p99_ms']:>9.1f}"
-              f"{fig['msg_s'] / ceiling_rate:>7.0%}")
+              f"{fig['msg_s'] / ceiling_rate:>7.0%}" + (f"   {cpu['worker']:>6} {cpu['redis']:>5} {cpu['producer']:>8}"
+                                                       if cpu else ""))
     if "a" in results and "b" in results:
         print(f"b/a = {results['b']['msg_s'] / results['a']['msg_s']:.2f}x")
     print(f"ceiling batched/batch-1 = {ceiling_rate / results['batch1']['msg_s']:.2f}x")
