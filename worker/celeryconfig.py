@@ -28,12 +28,22 @@ def celery_config(settings: Settings) -> dict:
         # A task is acknowledged after it ran; a process that dies mid-task gives it back.
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
+        # A redelivered task whose result is already SUCCESS is acknowledged, not run again.
+        "worker_deduplicate_successful_tasks": True,
         "worker_prefetch_multiplier": 1,
         # Keep reconnecting to the broker, at start-up and while running.
         "broker_connection_retry_on_startup": True,
         "broker_connection_retry": True,
         "broker_connection_max_retries": None,
-        "broker_transport_options": {"visibility_timeout": settings.visibility_timeout_s},
+        # A dead worker's unacknowledged tasks go back to their queue after visibility_timeout; kombu
+        # looks for them every 10th 10-s tick (~100 s). Look every visibility_timeout/60, 1 s to 10 s.
+        "broker_transport_options": {
+            "visibility_timeout": settings.visibility_timeout_s,
+            "unacked_restore_interval": max(1, min(10, int(settings.visibility_timeout_s // 60))),
+            "unacked_restore_throttle": 1,
+        },
+        # Requeue what a lost broker connection made Celery drop (see RedisRestoringConsumer).
+        "worker_consumer": "worker.delivery:RedisRestoringConsumer",
         "task_soft_time_limit": settings.task_time_limit_s,
         "task_time_limit": settings.task_time_limit_s + 30,
         "result_expires": 24 * 3600,
