@@ -49,3 +49,30 @@ def test_bad_setting_names_the_variable(worker_factory, models):
     assert worker.process.wait(timeout=60) != 0
     expected = "worker: invalid setting TORCH_DTYPE: 'float8' is not one of auto, float32, bfloat16, float16"
     assert expected in worker.log()
+
+
+def _corrupt_adapter(models, tmp_path):
+    adapter = tmp_path / "corrupt-adapter"
+    shutil.copytree(models.exaone_adapter, adapter)
+    (adapter / "adapter_model.safetensors").write_bytes(b"\x00garbage" * 64)
+    return {"EXAONE_ADAPTER_DIR": str(adapter)}, "cannot load model 'exaone': corrupt adapter weights"
+
+
+@pytest.mark.parametrize(("case", "make"), [
+    ("adapter-for-another-base", lambda m, t: ({"EXAONE_ADAPTER_DIR": str(m.koelectra_adapter)},
+                                               "cannot load model 'exaone': adapter")),
+    ("corrupt-adapter", _corrupt_adapter),
+    ("missing-model", lambda m, t: ({"KOELECTRA_MODEL": str(t / "no-such-model")},
+                                    "cannot load model 'koelectra': model")),
+])
+def test_each_broken_model_stops_a_prefork_worker_before_any_task(worker_factory, models, tmp_path, case, make):
+    env, line = make(models, tmp_path)
+    worker = worker_factory(models.env(**env), pool="prefork", name=case)
+    bare_app(worker).send_task(CLASSIFY, args=["대기 중인 메시지"])
+    code = worker.process.wait(timeout=180)
+    log = worker.log()
+    assert code == 1, log
+    stop_lines = [x for x in log.splitlines() if "stopping the worker" in x]
+    assert len(stop_lines) == 1 and line in stop_lines[0], log[-3000:]
+    assert "Traceback" not in log and "Task spam.classify" not in log
+    assert _queue_length(worker.broker_url) == 1, "the queued task must still be waiting"
