@@ -9,7 +9,8 @@ Modes, each against a fresh worker on its own Redis database, the producer keepi
 of messages in flight (a closed loop, so latency means something):
 
 - ``a``: ``spam.classify`` on the default prefork worker: one forward pass per task;
-- ``b``: ``spam.classify`` on a threads-pool worker: dynamic batching across concurrent tasks;
+- ``b``: ``spam.classify`` on threads-pool workers (one per core on CPU): dynamic batching across the
+  concurrent tasks of each;
 - ``c``: ``spam.classify_batch`` tasks of ``--chunk`` texts on the prefork worker;
 - ``d``: the ceiling: the same model's batched forward in-process, no queue, the faster of one
   intra-op thread and one per core (and batch 1 beside it).
@@ -175,7 +176,7 @@ class Collector:
 
 
 def served(env: dict[str, str], pool: str, concurrency: int, redis: Redis, db: int, send_kind: str,
-           texts: list[str], model: str, window: int, chunk: int, logdir: Path) -> dict:
+           texts: list[str], model: str, window: int, chunk: int, logdir: Path, workers: int = 1) -> dict:
     """Start a worker, warm it up, drive ``texts`` through it, stop it; the figures."""
     from celery import Celery
 
@@ -184,9 +185,10 @@ def served(env: dict[str, str], pool: str, concurrency: int, redis: Redis, db: i
     broker, backend = redis.url(db), redis.url(db + 1)
     worker_env = {**os.environ, **env, "CELERY_BROKER_URL": broker, "CELERY_RESULT_BACKEND": backend}
     log_file = (logdir / f"worker-{send_kind}-{pool}.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "celery", "-A", "worker", "worker", f"--pool={pool}",
-                             f"--concurrency={concurrency}", "--without-mingle", "--without-gossip", "-l", "WARNING"],
-                            cwd=ROOT, env=worker_env, stdout=log_file, stderr=subprocess.STDOUT)
+    procs = [subprocess.Popen([sys.executable, "-m", "celery", "-A", "worker", "worker", f"--pool={pool}",
+                               f"--concurrency={concurrency}", "--without-mingle", "--without-gossip", "-l", "WARNING",
+                               "-n", f"bench{n}@%h"], cwd=ROOT, env=worker_env, stdout=log_file,
+                              stderr=subprocess.STDOUT) for n in range(workers)]
     # A sender without a result backend: results are collected by the Collector, not per handle.
     app = Celery("bench", broker=broker)
     app.conf.update(task_serializer="json", accept_content=["json"], task_routes=(route,))
@@ -201,13 +203,13 @@ def served(env: dict[str, str], pool: str, concurrency: int, redis: Redis, db: i
         warm.run(send_one, texts[:window * 2], 1)  # waits in the queue until the worker has loaded
         warm.close()
         collector = Collector(backend, window)
-        cpu_before = {"worker": cpu_seconds(proc.pid), "redis": cpu_seconds(redis.process.pid),
+        cpu_before = {"worker": sum(cpu_seconds(p.pid) for p in procs), "redis": cpu_seconds(redis.process.pid),
                       "producer": time.process_time()}
         if send_kind == "single":
             seconds = collector.run(send_one, texts, 1)
         else:
             seconds = collector.run(send_batch, [texts[i:i + chunk] for i in range(0, len(texts), chunk)], chunk)
-        cpu = {"worker": cpu_seconds(proc.pid), "redis": cpu_seconds(redis.process.pid),
+        cpu = {"worker": sum(cpu_seconds(p.pid) for p in procs), "redis": cpu_seconds(redis.process.pid),
                "producer": time.process_time()}
         collector.close()
         if collector.failures:
@@ -217,8 +219,10 @@ def served(env: dict[str, str], pool: str, concurrency: int, redis: Redis, db: i
         figures["cpu_ms_per_msg"] = {k: round((cpu[k] - cpu_before[k]) * 1000 / len(texts), 2) for k in cpu}
         return figures
     finally:
-        proc.terminate()
-        proc.wait(60)
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(60)
         app.close()
 
 
@@ -251,6 +255,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32, help="texts per forward pass (BATCH_SIZE)")
     parser.add_argument("--chunk", type=int, default=64, help="texts per batch task in mode c")
     parser.add_argument("--threads", type=int, default=32, help="threads-pool concurrency in mode b")
+    parser.add_argument("--b-workers", type=int, default=0,
+                        help="threads-pool worker processes in mode b (default: one per core on CPU, one on CUDA)")
     parser.add_argument("--modes", default="abc", help="which of the served modes a, b, c to run (d always runs)")
     parser.add_argument("--worker-env", default="", help="extra worker settings, e.g. TORCH_THREADS=1,BATCH_WAIT_MS=5")
     parser.add_argument("--ceiling", help=argparse.SUPPRESS)
@@ -281,6 +287,7 @@ def main() -> None:
            "MAX_BATCH_ITEMS": str(max(args.chunk, 1000)), "BATCH_CHUNK_ITEMS": str(max(args.chunk, 250))}
     env.update(dict(item.split("=", 1) for item in args.worker_env.split(",") if item))
     prefork = 1 if args.device == "cuda" else cores  # one GPU: one process owns it
+    args.b_workers = args.b_workers or prefork  # as many serving processes as mode a and c have
 
     log.info("d: in-process ceiling")
     out = subprocess.run([sys.executable, __file__, "--ceiling", json.dumps(env), "--model", args.model,
@@ -296,9 +303,9 @@ def main() -> None:
             results["a"] = served(env, "prefork", prefork, redis, 0, "single", texts, args.model, 4 * prefork,
                                   args.chunk, args.workdir)
         if "b" in args.modes:
-            log.info("b: dynamic batching (threads pool, %d threads)", args.threads)
+            log.info("b: dynamic batching (%d threads-pool worker(s), %d threads each)", args.b_workers, args.threads)
             results["b"] = served(env, "threads", args.threads, redis, 2, "single", texts, args.model,
-                                  2 * args.threads, args.chunk, args.workdir)
+                                  2 * args.threads * args.b_workers, args.chunk, args.workdir, args.b_workers)
         if "c" in args.modes:
             log.info("c: batch tasks of %d (prefork, %d processes)", args.chunk, prefork)
             results["c"] = served(env, "prefork", prefork, redis, 4, "batch", texts, args.model, 2 * prefork,

@@ -50,7 +50,7 @@ def celery_config(settings: Settings) -> dict:
         # A result that cannot be stored because Redis is restarting is retried, not dropped.
         "result_backend_always_retry": True,
         "result_backend_max_retries": 30,
-        "result_extended": True,
+        "result_extended": False,
         # Per-model queues: a fleet scales KoELECTRA and EXAONE workers separately.
         "task_default_queue": DEFAULT_QUEUE,
         "task_queues": worker_queues(settings),
@@ -58,7 +58,7 @@ def celery_config(settings: Settings) -> dict:
         # Flower shows tasks from these events.
         "worker_send_task_events": True,
         "task_send_sent_event": True,
-        "task_track_started": True,
+        "task_track_started": False,
         # Loading a model in a process-start hook takes longer than Celery's default 4 s.
         "worker_proc_alive_timeout": settings.load_timeout_s,
         "worker_hijack_root_logger": True,

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_PUBLISH_INTERVAL_S = 0.5
+_PUBLISH_INTERVAL_S = 1.0
 _WINDOW = 2048  # latencies and batch sizes kept for the percentiles
 
 
