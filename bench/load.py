@@ -163,8 +163,10 @@ def child(mode: str, model: str, base: str, adapter: str, snapshots: str, classi
         settings = Settings.from_env({
             "DEVICE": device, "TORCH_DTYPE": "bfloat16" if model == "exaone" else "float32", "MODEL_LOADER": "snapshot",
             "SNAPSHOT_DIR": snapshots, "USE_QUANTIZATION": str(quantize).lower(), "PRELOAD_MODELS": model,
-            f"{model.upper()}_MODEL": base, f"{model.upper()}_ADAPTER_DIR": adapter}, dotenv=False)
-        prefetch.start(settings)
+            f"{model.upper()}_MODEL": base, f"{model.upper()}_ADAPTER_DIR": adapter,
+            "PREFETCH_WEIGHTS": os.environ.get("PREFETCH_WEIGHTS", "true")}, dotenv=False)
+        if settings.prefetch_weights:
+            prefetch.start(settings)
     import torch  # noqa: F401
     import transformers
 
