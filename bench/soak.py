@@ -29,7 +29,6 @@ import random
 import re
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -39,6 +38,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from tests.redis_process import RedisProcess  # noqa: E402
 
 log = logging.getLogger("bench.soak")
 
@@ -67,58 +68,6 @@ def build_models(folder: Path):
                   exaone=exaone, exaone_adapter=factories.build_exaone_adapter(folder / "exaone-spam-lora", exaone),
                   exaone_cls_adapter=factories.build_exaone_adapter(folder / "exaone-spam-cls", exaone, "SEQ_CLS"),
                   snapshots=folder / "snapshots")
-
-
-class RedisServer:
-    """The soak's own redis-server; with ``durable`` every write is in the append-only file first."""
-
-    def __init__(self, folder: Path, durable: bool) -> None:
-        import redis
-        from redis.backoff import NoBackoff
-        from redis.retry import Retry
-
-        from tests.conftest import free_port
-
-        self.port = free_port()
-        self.folder = folder
-        persistence = ["--appendonly", "yes", "--appendfsync", "always"] if durable else ["--appendonly", "no"]
-        self.command = [shutil.which("redis-server") or "redis-server", "--port", str(self.port),
-                        "--bind", "127.0.0.1", "--save", "", *persistence, "--dir", str(folder)]
-        self.client = redis.Redis(port=self.port, socket_timeout=5, retry=Retry(NoBackoff(), 0))
-        self.process: subprocess.Popen | None = None
-        self.start()
-
-    def start(self) -> None:
-        import redis
-
-        self.process = subprocess.Popen(self.command, stdout=(self.folder / "redis.log").open("a"),
-                                        stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                self.client.ping()
-                return
-            except redis.ConnectionError:
-                if time.monotonic() > deadline or self.process.poll() is not None:
-                    raise RuntimeError("redis-server did not start") from None
-                time.sleep(0.02)
-
-    def restart(self, down_s: float) -> None:
-        """SHUTDOWN (the append-only file is written out, every client disconnected), then start."""
-        import redis
-
-        try:
-            self.client.shutdown()
-        except redis.ConnectionError:
-            pass
-        self.process.wait(timeout=30)
-        time.sleep(down_s)
-        self.start()
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(timeout=10)
 
 
 class Killer(threading.Thread):
@@ -153,7 +102,7 @@ class Killer(threading.Thread):
 class Restarter(threading.Thread):
     """Restart Redis ``count`` times at random moments in the first ``within_s`` seconds."""
 
-    def __init__(self, server: RedisServer, count: int, within_s: float, down_s: float, rng: random.Random) -> None:
+    def __init__(self, server: RedisProcess, count: int, within_s: float, down_s: float, rng: random.Random) -> None:
         super().__init__(name="restarter", daemon=True)
         self.server, self.down_s = server, down_s
         self.moments = sorted(rng.uniform(0.1, 0.9) * within_s for _ in range(count))
@@ -189,7 +138,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
     rng = random.Random(args.seed)
     log.info("building the tiny test models in %s", workdir)
     models = build_models(workdir / "models")
-    server = RedisServer(workdir, durable=args.redis_restarts > 0)
+    server = RedisProcess(workdir, durable=args.redis_restarts > 0).start()
     port = server.port
     broker, backend_url = f"redis://127.0.0.1:{port}/0", f"redis://127.0.0.1:{port}/1"
     worker = start_worker(models.env(BATCH_CHUNK_ITEMS="1000"), broker, backend_url, workdir / "worker.log",

@@ -27,8 +27,6 @@ import json
 import logging
 import os
 import random
-import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,6 +36,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from tests.redis_process import RedisProcess  # noqa: E402
 
 log = logging.getLogger("bench.throughput")
 
@@ -87,30 +87,6 @@ def ceiling(env: dict[str, str], model: str, texts: list[str], batch: int) -> di
 
 
 # --- real workers --------------------------------------------------------------------------------
-
-
-class Redis:
-    def __init__(self, workdir: Path) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.process = subprocess.Popen(
-            [shutil.which("redis-server") or "redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
-             "--save", "", "--appendonly", "no", "--dir", str(workdir)], stdout=subprocess.DEVNULL)
-        for _ in range(100):
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("redis-server did not start")
-
-    def url(self, db: int) -> str:
-        return f"redis://127.0.0.1:{self.port}/{db}"
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(10)
 
 
 class Collector:
@@ -175,7 +151,7 @@ class Collector:
         return time.perf_counter() - start
 
 
-def served(env: dict[str, str], pool: str, concurrency: int, redis: Redis, db: int, send_kind: str,
+def served(env: dict[str, str], pool: str, concurrency: int, redis: RedisProcess, db: int, send_kind: str,
            texts: list[str], model: str, window: int, chunk: int, logdir: Path, workers: int = 1) -> dict:
     """Start a worker, warm it up, drive ``texts`` through it, stop it; the figures."""
     from celery import Celery
@@ -296,7 +272,7 @@ def main() -> None:
     if out.returncode:
         raise SystemExit(out.stderr[-3000:])
     results = json.loads(out.stdout.strip().splitlines()[-1])
-    redis = Redis(args.workdir)
+    redis = RedisProcess(args.workdir / "redis").start()
     try:
         if "a" in args.modes:
             log.info("a: one forward pass per task (prefork, %d processes)", prefork)

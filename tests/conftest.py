@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests import factories
+from tests.redis_process import RedisProcess, free_port  # noqa: F401 (free_port: for the tests)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,12 +62,6 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Models:
 # --- Redis ----------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @dataclass
 class RedisServer:
     port: int
@@ -89,29 +82,11 @@ class RedisServer:
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    binary = shutil.which("redis-server")
-    if binary is None:
+    if shutil.which("redis-server") is None:
         pytest.fail("redis-server is not installed (the README's test command installs it)")
-    port = free_port()
-    workdir = tmp_path_factory.mktemp("redis")
-    process = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--databases", "64", "--dir", str(workdir)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-    )
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            time.sleep(0.05)
-    else:
-        process.kill()
-        pytest.fail("redis-server did not start")
-    yield RedisServer(port, process)
-    process.terminate()
-    process.wait(timeout=10)
+    server = RedisProcess(tmp_path_factory.mktemp("redis"), extra=("--databases", "64")).start()
+    yield RedisServer(server.port, server.process)
+    server.stop()
 
 
 # --- Celery workers -------------------------------------------------------------------------------

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
-import subprocess
 import threading
 import time
 from collections import Counter
@@ -15,12 +13,10 @@ from pathlib import Path
 import psutil
 import pytest
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from producer.contract import CLASSIFY
-from tests.conftest import free_port
 from tests.integration.helpers import client_for, wait_until_serving
+from tests.redis_process import RedisProcess
 
 pytestmark = pytest.mark.integration
 
@@ -113,54 +109,9 @@ def test_child_killed_during_a_task_is_redelivered(worker_factory, models):
 # --- Redis restarts -------------------------------------------------------------------------------
 
 
-class OwnRedis:
-    """A redis-server of this test's own (the session's is shared), that can be restarted on the same
-    port and data folder. Every write is in the append-only file before Redis replies to it."""
-
-    def __init__(self, folder: Path) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        self.folder = folder
-        self.process: subprocess.Popen | None = None
-        # No retries: redis-py would send SHUTDOWN again, to the restarted server.
-        self.client = redis.Redis(port=self.port, socket_timeout=5, retry=Retry(NoBackoff(), 0))
-
-    def url(self, db: int) -> str:
-        return f"redis://127.0.0.1:{self.port}/{db}"
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [shutil.which("redis-server") or "redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
-             "--save", "", "--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.folder)],
-            stdout=(self.folder / "redis.log").open("a"), stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                self.client.ping()
-                return
-            except redis.ConnectionError:
-                assert time.monotonic() < deadline and self.process.poll() is None, "redis-server did not start"
-                time.sleep(0.02)
-
-    def shutdown(self) -> None:
-        """Graceful: SHUTDOWN writes the append-only file out and closes every client connection."""
-        try:
-            self.client.shutdown()
-        except redis.ConnectionError:
-            pass
-        self.process.wait(timeout=30)
-
-    def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(timeout=30)
-
-
 @pytest.fixture
 def own_redis(tmp_path: Path):
-    server = OwnRedis(tmp_path / "redis-aof")
-    server.start()
+    server = RedisProcess(tmp_path / "redis-aof", durable=True).start()
     yield server
     server.stop()
 
