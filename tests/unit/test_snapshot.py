@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import shutil
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -105,3 +108,23 @@ def test_concurrent_first_starts_build_once(models, tmp_path):
     assert all(s == results[0][1] for _, s in results)
     assert [p.name for p in settings.snapshot_path.iterdir() if ".tmp-" in p.name] == []
     assert len(snapshot_folders(settings)) == 1
+
+
+_START_FROM_SNAPSHOT = """
+import json, sys
+from pathlib import Path
+from worker.loading import get_loader
+from worker.settings import ModelSource, Settings
+settings = Settings.from_env({"DEVICE": "cpu", "TORCH_DTYPE": "float32", "SNAPSHOT_DIR": sys.argv[1]}, dotenv=False)
+loaded = get_loader(settings).load_model(ModelSource("exaone", sys.argv[2], Path(sys.argv[3])))
+print(json.dumps([loaded.source, sorted(m for m in ("peft", "bitsandbytes") if m in sys.modules)]))
+"""
+
+
+def test_a_start_from_the_snapshot_never_imports_peft(models, tmp_path):
+    """PEFT and the bitsandbytes it pulls in cost seconds of import; the merged snapshot needs neither."""
+    load(settings_for(tmp_path), "exaone", models.exaone, models.exaone_adapter)  # builds it
+    out = subprocess.run([sys.executable, "-c", _START_FROM_SNAPSHOT, str(tmp_path / "snapshots"), str(models.exaone),
+                          str(models.exaone_adapter)], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).parents[2])
+    assert json.loads(out.stdout.splitlines()[-1]) == ["snapshot", []]

@@ -4,6 +4,10 @@
 translate ``target_modules`` for checkpoints that transformers renames on load. Here every tensor
 in the adapter file must land in the model with its exact value, and every adapter parameter in
 the model must come from the file; anything else is a :class:`ModelLoadError`.
+
+PEFT (and the bitsandbytes it imports) takes seconds to import, so it is imported only where an
+adapter is attached: a start from a prepared snapshot reads the adapter's JSON and tensors to plan
+and fingerprint the load, but never imports PEFT.
 """
 
 from __future__ import annotations
@@ -11,15 +15,17 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
-from peft import PeftConfig, PeftModel, get_peft_model
-from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from worker.errors import ModelLoadError
 from worker.loading import exaone_layout
+
+if TYPE_CHECKING:
+    from peft import PeftConfig, PeftModel
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -30,12 +36,24 @@ class Adapter:
     """An adapter folder read into memory, with names already translated for the target model."""
 
     path: Path
-    config: PeftConfig
+    config: dict[str, Any]
+    """``adapter_config.json`` as read, module names translated; :meth:`peft_config` builds PEFT's."""
     tensors: dict[str, torch.Tensor]
 
     @property
     def task_type(self) -> str:
-        return str(self.config.task_type or "")
+        return str(self.config.get("task_type") or "")
+
+    def peft_config(self, model_name: str) -> PeftConfig:
+        from peft import PeftConfig
+
+        try:
+            fields = {k: v for k, v in self.config.items() if k != "runtime_config"}
+            config = PeftConfig.from_peft_type(**PeftConfig.check_kwargs(**fields))
+        except (ValueError, TypeError, KeyError) as exc:
+            raise ModelLoadError(model_name, f"unusable {CONFIG_FILE} in {str(self.path)!r}: {exc}") from exc
+        config.inference_mode = True
+        return config
 
     def saved_module_tensors(self, module: str) -> dict[str, torch.Tensor]:
         """Tensors the adapter saves for a ``modules_to_save`` entry (e.g. the classifier head)."""
@@ -54,17 +72,17 @@ def read_adapter(model_name: str, path: Path, base_config: dict) -> Adapter:
     if not (path / CONFIG_FILE).is_file():
         raise ModelLoadError(model_name, f"adapter folder {str(path)!r} has no {CONFIG_FILE}")
     try:
-        config = PeftConfig.from_pretrained(str(path))
-    except (ValueError, TypeError, json.JSONDecodeError) as exc:
+        config = json.loads((path / CONFIG_FILE).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ModelLoadError(model_name, f"unreadable {CONFIG_FILE} in {str(path)!r}: {exc}") from exc
-    config.inference_mode = True
+    if not isinstance(config, dict) or not config.get("peft_type"):
+        raise ModelLoadError(model_name, f"unreadable {CONFIG_FILE} in {str(path)!r}: no peft_type")
     tensors = _read_weights(model_name, path)
     if exaone_layout.is_exaone(base_config):
         tensors = {exaone_layout.rename_key(k): v for k, v in tensors.items()}
-        config.target_modules = exaone_layout.rename_modules(config.target_modules)
-        config.modules_to_save = exaone_layout.rename_modules(config.modules_to_save)
-        if getattr(config, "layers_pattern", None):
-            config.layers_pattern = exaone_layout.rename_modules(config.layers_pattern)
+        for field in ("target_modules", "modules_to_save", "layers_pattern"):
+            if config.get(field):
+                config[field] = exaone_layout.rename_modules(config[field])
     return Adapter(path=path, config=config, tensors=tensors)
 
 
@@ -98,8 +116,11 @@ def check_fits(model_name: str, model: torch.nn.Module, adapter: Adapter) -> Non
 
 def attach_adapter(model_name: str, model: torch.nn.Module, adapter: Adapter) -> PeftModel:
     """Wrap ``model`` with the adapter and prove that every adapter weight is in place."""
+    from peft import get_peft_model
+    from peft.utils import set_peft_model_state_dict
+
     try:
-        peft_model = get_peft_model(model, adapter.config)
+        peft_model = get_peft_model(model, adapter.peft_config(model_name))
     except (ValueError, KeyError, RuntimeError) as exc:
         raise ModelLoadError(model_name, f"adapter {str(adapter.path)!r} does not fit this model: {exc}") from exc
     try:
@@ -111,6 +132,8 @@ def attach_adapter(model_name: str, model: torch.nn.Module, adapter: Adapter) ->
 
 
 def _verify(model_name: str, peft_model: PeftModel, adapter: Adapter) -> None:
+    from peft.utils import get_peft_model_state_dict
+
     loaded = get_peft_model_state_dict(peft_model, save_embedding_layers=False)
     unused = sorted(set(adapter.tensors) - set(loaded))
     if unused:

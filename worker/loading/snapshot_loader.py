@@ -23,7 +23,6 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
-import torch
 from filelock import FileLock
 from safetensors import SafetensorError, safe_open
 
@@ -110,9 +109,7 @@ def is_valid(folder: Path) -> bool:
 
 def fingerprint(plan: LoadPlan, placement: Placement, weight_files: list[Path]) -> str:
     """A hash of everything that changes the prepared weights (``weight_files``: checkpoint + adapter)."""
-    import peft
-    import safetensors
-    import transformers
+    from importlib.metadata import version
 
     if not weight_files:
         raise ModelLoadError(plan.name, f"no local weight files for {plan.model_id!r} to build a snapshot from")
@@ -128,8 +125,7 @@ def fingerprint(plan: LoadPlan, placement: Placement, weight_files: list[Path]) 
         h.update(f"{file.resolve()}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
     h.update(json.dumps({
         "format": FORMAT, "dtype": str(placement.dtype), "head": plan.head,
-        "labels": plan.labels, "versions": [torch.__version__, transformers.__version__, peft.__version__,
-                                            safetensors.__version__],
+        "labels": plan.labels, "versions": [version(p) for p in ("torch", "transformers", "peft", "safetensors")],
     }).encode())
     return h.hexdigest()[:16]
 
