@@ -9,8 +9,12 @@ files); a wrong guess costs a read, never correctness.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import logging
+import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -44,26 +48,91 @@ def weight_files(settings: Settings) -> list[Path]:
 def start(settings: Settings) -> threading.Thread | None:
     """Begin reading in a daemon thread; skipped when the files would not fit in free memory."""
     files = weight_files(settings)
-    total = sum(f.stat().st_size for f in files)
-    if not files or total > 0.8 * _available_bytes():
+    if not files or sum(f.stat().st_size for f in files) > 0.8 * _available_bytes():
         return None
-    thread = threading.Thread(target=_read, args=(files, total), name="prefetch-weights", daemon=True)
+    return read_in_background(files)
+
+
+def read_in_background(files: list[Path]) -> threading.Thread:
+    """:func:`read_into_cache` in a daemon thread; join it to wait for the bytes."""
+    thread = threading.Thread(target=_read, args=(files,), name="read-weights", daemon=True)
     thread.start()
     return thread
 
 
-def _read(files: list[Path], total: int) -> None:
+def _read(files: list[Path]) -> None:
     start = time.perf_counter()
-    buffer = memoryview(bytearray(_CHUNK))
     try:
-        for file in files:
-            with file.open("rb", buffering=0) as fh:
-                while fh.readinto(buffer):
-                    pass
+        read_into_cache(files)
     except OSError as exc:  # the loader will report a real problem with these files
-        log.debug("prefetch stopped: %s", exc)
+        log.debug("read-ahead stopped: %s", exc)
         return
-    log.info("prefetched %.2f GB of weights in %.2fs", total / 1e9, time.perf_counter() - start)
+    log.debug("read %.2f GB of weights into the page cache in %.2fs", sum(f.stat().st_size for f in files) / 1e9,
+              time.perf_counter() - start)
+
+
+def read_into_cache(files: list[Path]) -> None:
+    """Bring whole files into the page cache as fast as the disk allows.
+
+    Each file is mapped and populated with ``MADV_POPULATE_READ`` (Linux 5.14+): the kernel reads
+    in large requests straight into the page cache and nothing is copied to user memory. On this
+    project's VM that reads a 4.8 GB snapshot cold in ~2 s, where ``read()`` into a buffer takes
+    ~5.5 s and the page faults of a first forward pass ~11 s. The call goes through ctypes, which
+    releases the GIL, so other threads (imports, model construction) run meanwhile. Elsewhere it
+    falls back to plain reads.
+    """
+    for file in files:
+        if not _populate(file):
+            _read_through(file)
+
+
+_PROT_READ, _MAP_SHARED, _MADV_POPULATE_READ = 1, 1, 22
+_SLICE = 256 << 20
+_libc = None
+
+
+def _populate(file: Path) -> bool:
+    libc = _load_libc()
+    size = file.stat().st_size
+    if libc is None or size == 0:
+        return size == 0
+    fd = os.open(file, os.O_RDONLY)
+    try:
+        addr = libc.mmap(None, size, _PROT_READ, _MAP_SHARED, fd, 0)
+        if addr is None or addr == ctypes.c_void_p(-1).value:
+            return False
+        try:
+            offset = 0
+            while offset < size:  # in slices, so a signal (EINTR) repeats one slice, not the file
+                length = min(_SLICE, size - offset)
+                if libc.madvise(addr + offset, length, _MADV_POPULATE_READ) == 0:
+                    offset += length
+                elif ctypes.get_errno() != errno.EINTR:
+                    return False
+            return True
+        finally:
+            libc.munmap(addr, size)
+    finally:
+        os.close(fd)
+
+
+def _load_libc():
+    global _libc
+    if _libc is None and sys.platform == "linux":
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        _libc = libc
+    return _libc
+
+
+def _read_through(file: Path) -> None:
+    buffer = memoryview(bytearray(_CHUNK))
+    with file.open("rb", buffering=0) as fh:
+        while fh.readinto(buffer):
+            pass
 
 
 def _available_bytes() -> int:

@@ -73,7 +73,7 @@ def install(app, settings: Settings) -> None:
             _Shared.forks = worker.pool_cls.__module__ == "celery.concurrency.prefork"
             if settings.prefetch_weights:
                 prefetch.start(settings)  # reads the weights while the next line imports torch
-            _import_libraries()
+            _import_libraries(settings)
             _set_threads(settings, worker.concurrency if _Shared.forks else 1,
                          spare=not _Shared.forks and worker.concurrency > 1)
             if _Shared.forks:
@@ -185,12 +185,15 @@ def _failure_line(exc: BaseException) -> str:
     return f"cannot load models: {type(exc).__name__}: {first_line(exc)}"
 
 
-def _import_libraries() -> None:
-    """Import torch, transformers and PEFT once (seconds) and quiet their load-time chatter."""
-    import peft  # noqa: F401
+def _import_libraries(settings: Settings) -> None:
+    """Import torch, transformers and the models' code once (seconds) and quiet their load-time
+    chatter. PEFT is left out: only a first start, which builds a snapshot, needs it."""
     import torch  # noqa: F401
     import transformers
 
+    from worker.loading.plan import import_model_code
+
+    import_model_code(settings)
     transformers.logging.set_verbosity_error()
     # PEFT calls an API transformers deprecates; the warning is not ours to act on.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
+import mmap
 import os
+import sys
+
+import pytest
 
 from worker import prefetch
 from worker.settings import Settings
@@ -44,3 +49,38 @@ def test_reads_the_newest_complete_snapshot_else_the_checkpoint(tmp_path):
 def test_nothing_to_read_for_hub_ids(tmp_path):
     settings = _settings(tmp_path, EXAONE_MODEL="LGAI-EXAONE/EXAONE-3.5-2.4B-Instruct")
     assert prefetch.weight_files(settings) == [] and prefetch.start(settings) is None
+
+
+def _resident_fraction(file) -> float:
+    """Share of the file's pages in the page cache (mincore on a fresh mapping)."""
+    libc = prefetch._load_libc()
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    size = file.stat().st_size
+    pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+    vec = (ctypes.c_ubyte * pages)()
+    fd = os.open(file, os.O_RDONLY)
+    try:
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        try:
+            assert libc.mincore(addr, size, vec) == 0
+        finally:
+            libc.munmap(addr, size)
+    finally:
+        os.close(fd)
+    return sum(v & 1 for v in vec) / pages
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="page-cache residency is read with Linux's mincore")
+def test_read_into_cache_leaves_whole_files_in_the_page_cache(tmp_path):
+    weights, empty = tmp_path / "model.safetensors", tmp_path / "empty.safetensors"
+    weights.write_bytes(os.urandom((8 << 20) + 123))
+    empty.write_bytes(b"")
+    fd = os.open(weights, os.O_RDONLY)
+    os.fsync(fd)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+    if _resident_fraction(weights) > 0.5:
+        pytest.skip("this filesystem keeps the file cached (tmpfs?)")
+    prefetch.read_into_cache([weights, empty])
+    assert _resident_fraction(weights) == 1.0
+    assert prefetch._populate(weights)  # the mapped path, not the read() fallback, did it

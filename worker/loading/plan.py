@@ -160,6 +160,34 @@ def _spam_index(name: str, labels: tuple[str, ...]) -> int:
     raise ModelLoadError(name, f"cannot tell which of the labels {list(labels)} is spam")
 
 
+def import_model_code(settings: Settings) -> None:
+    """Import the transformers modules the configured models will use (seconds: they pull in
+    torch.distributed and torch._dynamo). Called before the pool forks, so a prefork child starts
+    with them instead of importing them on its first load. Best effort: a real problem surfaces
+    when the model loads."""
+    import importlib
+
+    from transformers.models.auto.configuration_auto import model_type_to_module_name
+
+    modules = ["transformers.modeling_utils", "transformers.masking_utils", "transformers.generation.utils",
+               "transformers.tokenization_utils_tokenizers"]
+    for name in settings.preload_models:
+        try:
+            model_type = json.loads((Path(settings.source(name).model) / "config.json").read_text())["model_type"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        families = {model_type_to_module_name(model_type)}
+        if model_type == exaone_layout.MODEL_TYPE:
+            families.add("llama")  # its classification head is Llama's
+        modules += [f"transformers.models.{f}.{kind}_{f}" for f in sorted(families)
+                    for kind in ("configuration", "modeling")]
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            log.debug("not preimported: %s (%s)", module, exc)
+
+
 def load_tokenizer(plan: LoadPlan) -> Any:
     tokenizer = AutoTokenizer.from_pretrained(plan.tokenizer_source, trust_remote_code=plan.trust_remote_code)
     tokenizer.padding_side = "right"  # classifiers read the last real token by its index
