@@ -143,7 +143,7 @@ def build_koelectra(out: Path) -> tuple[Path, Path]:
 def child(mode: str, model: str, base: str, adapter: str, snapshots: str, classify: str = "1") -> dict:
     """Runs in a fresh process; ``ready_s`` is measured from process creation by the parent.
 
-    ``BENCH_DEVICE`` (cpu, cuda) and ``USE_QUANTIZATION`` (EXAONE, CUDA only) come from the parent.
+    ``BENCH_DEVICE`` (cpu, cuda) and ``USE_QUANTIZATION`` (EXAONE) come from the parent.
     """
     device = os.environ.get("BENCH_DEVICE", "cpu")
     quantize = model == "exaone" and os.environ.get("USE_QUANTIZATION", "").lower() == "true"

@@ -53,7 +53,7 @@ class Settings:
     max_memory_gb: float | None = None
     """Per-GPU memory cap for the EXAONE weights (``device_map="auto"``); unset means no cap."""
     use_quantization: bool = False
-    """Load EXAONE with bitsandbytes on CUDA (see ``QUANTIZATION_BITS``); ignored on CPU."""
+    """Load EXAONE quantized by bitsandbytes (see ``QUANTIZATION_BITS``), on CUDA or CPU."""
     quantization_bits: str = "4bit"
     device: str = "auto"
     """``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``."""

@@ -128,3 +128,27 @@ def test_a_start_from_the_snapshot_never_imports_peft(models, tmp_path):
                           str(models.exaone_adapter)], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).parents[2])
     assert json.loads(out.stdout.splitlines()[-1]) == ["snapshot", []]
+
+
+@pytest.mark.parametrize("bits", ["4bit", "8bit"])
+def test_quantized_snapshot_holds_the_quantized_weights(models, tmp_path, bits):
+    """With USE_QUANTIZATION the first start writes the bitsandbytes weights; later starts load them
+    as they are (no quantization at start-up) and score exactly as the start that quantized them."""
+    import bitsandbytes as bnb
+
+    settings = settings_for(tmp_path, use_quantization=True, quantization_bits=bits)
+    reference = scores(load(replace(settings, use_quantization=False), "exaone", models.exaone, models.exaone_adapter))
+    first = load(settings, "exaone", models.exaone, models.exaone_adapter)
+    assert first.source == "checkpoint+snapshot" and first.placement.quantization == bits
+    second = load(settings, "exaone", models.exaone, models.exaone_adapter)
+    assert second.source == "snapshot" and "snapshot" not in second.timings
+    layer = {"4bit": bnb.nn.Linear4bit, "8bit": bnb.nn.Linear8bitLt}[bits]
+    assert any(isinstance(m, layer) for m in second.model.modules())
+    assert scores(second) == scores(first)
+    assert scores(second) == pytest.approx(reference, abs=0.05)  # quantization moves scores only a little
+    folders = snapshot_folders(settings)
+    assert len(folders) == 2  # the merged weights, and the quantized ones made from them
+    merged, quantized = sorted(folders, key=lambda f: sum(x.stat().st_size for x in f.glob("*.safetensors")))[::-1]
+    config = json.loads((quantized / "config.json").read_text())
+    assert config["quantization_config"]["load_in_" + bits] is True
+    assert second.bytes_read == sum(f.stat().st_size for f in quantized.glob("*.safetensors"))

@@ -30,16 +30,13 @@ class Placement:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         else:
             dtype = _DTYPES[settings.torch_dtype]
-        quantization = None
-        if settings.use_quantization and name == "exaone":
-            if device.type == "cuda":
-                quantization = settings.quantization_bits
-            else:
-                log.warning("USE_QUANTIZATION applies to CUDA devices only; loading %s unquantized on %s", name, device)
+        # bitsandbytes quantizes on CUDA and, since 0.48, on CPU (slower to compute, a quarter the memory).
+        quantization = settings.quantization_bits if settings.use_quantization and name == "exaone" else None
         return cls(device=device, dtype=dtype, quantization=quantization, max_memory_gb=settings.max_memory_gb)
 
-    def from_pretrained_kwargs(self) -> dict[str, Any]:
-        """Device, dtype and quantization arguments for ``from_pretrained``."""
+    def from_pretrained_kwargs(self, quantize: bool = True) -> dict[str, Any]:
+        """Device, dtype and quantization arguments for ``from_pretrained``; ``quantize=False`` for
+        weights that are quantized already (their config says how)."""
         kwargs: dict[str, Any] = {"dtype": self.dtype}
         if self.device.type == "cuda":
             index = self.device.index if self.device.index is not None else torch.cuda.current_device()
@@ -48,7 +45,7 @@ class Placement:
                 kwargs["max_memory"] = {index: f"{self.max_memory_gb}GiB"}
             else:
                 kwargs["device_map"] = {"": index}
-        if self.quantization is not None:
+        if self.quantization is not None and quantize:
             from transformers import BitsAndBytesConfig
 
             if self.quantization == "4bit":

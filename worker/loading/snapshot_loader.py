@@ -2,8 +2,10 @@
 
 The first start loads the checkpoint the reference way (dtype conversion, verified adapter), merges
 the LoRA weights into the base and writes the result as one safetensors file in the target dtype.
-Every later start loads that file directly: no PEFT wrapping, no merge, no conversion. The file is
-memory-mapped, so on CPU the prefork children of one worker share one physical copy of it.
+With ``USE_QUANTIZATION`` it then quantizes that merged model with bitsandbytes and writes a second
+snapshot of the quantized weights. Every later start loads its snapshot directly: no PEFT wrapping,
+no merge, no conversion, no quantization. The file is memory-mapped, so on CPU the prefork children
+of one worker share one physical copy of it.
 
 A snapshot lives in ``SNAPSHOT_DIR/<model>-<fingerprint>``; the fingerprint covers everything that
 changes the weights (checkpoint and adapter files, dtype, head, library versions), so a changed
@@ -20,6 +22,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -31,6 +34,7 @@ from worker.errors import ModelLoadError
 from worker.loading.base import BaseLoader, LoadedWeights, StageTimer, checkpoint_files, load_adapted
 from worker.loading.devices import Placement
 from worker.loading.plan import LoadPlan
+from worker.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -47,22 +51,18 @@ class SnapshotLoader(BaseLoader):
 
                 snapshot_download(plan.model_id)
             inputs = checkpoint_files(plan, self.settings)
-        folder = self.settings.snapshot_path / f"{plan.name}-{fingerprint(plan, placement, inputs)}"
-        source = "snapshot"
-        if not is_valid(folder):
-            with timer.stage("snapshot"):
-                folder.parent.mkdir(parents=True, exist_ok=True)
-                with FileLock(str(folder) + ".lock"):
-                    if not is_valid(folder):  # another process may have built it while we waited
-                        self.build(plan, placement, folder)
-                        source = "checkpoint+snapshot"
+        start = time.perf_counter()
+        folder, built = self.ensure_snapshot(plan, placement, inputs)
+        if built:
+            timer.seconds["snapshot"] = round(time.perf_counter() - start, 4)
+        source = "checkpoint+snapshot" if built else "snapshot"
         files = [folder / name for name in _manifest(folder)["files"]]
         # Mapped weights are otherwise read by page faults in the first forward pass, several times
         # slower than one sequential read; the read runs while the model is being built.
         reader = prefetch.read_in_background(files)
         with timer.stage("materialise"):
             model, info = plan.model_class.from_pretrained(
-                folder, output_loading_info=True, **placement.from_pretrained_kwargs(),
+                folder, output_loading_info=True, **placement.from_pretrained_kwargs(quantize=False),
             )
         with timer.stage("read"):
             reader.join()
@@ -73,16 +73,30 @@ class SnapshotLoader(BaseLoader):
             files = inputs + files
         return LoadedWeights(model, source, files)
 
-    def build(self, plan: LoadPlan, placement: Placement, folder: Path) -> None:
-        """Load the reference way, merge the adapter, write the snapshot atomically."""
-        log.info("building snapshot of %s in %s", plan.name, folder)
+    def ensure_snapshot(self, plan: LoadPlan, placement: Placement, inputs: list[Path]) -> tuple[Path, bool]:
+        """The snapshot's folder, built first if missing or damaged (and whether this call built it)."""
+        folder = self.settings.snapshot_path / f"{plan.name}-{fingerprint(plan, placement, inputs)}"
+        if is_valid(folder):
+            return folder, False
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(folder) + ".lock"):
+            if is_valid(folder):  # another process built it while we waited
+                return folder, False
+            if placement.quantization is None:
+                self.build(folder, lambda: _merged(plan, placement, self.settings))
+            else:  # quantize the merged snapshot, so merging never meets quantized layers
+                merged, _ = self.ensure_snapshot(plan, replace(placement, quantization=None), inputs)
+                kwargs = placement.from_pretrained_kwargs()
+                self.build(folder, lambda: plan.model_class.from_pretrained(merged, **kwargs))
+        return folder, True
+
+    def build(self, folder: Path, make_model) -> None:
+        """Write the model ``make_model`` returns as a snapshot, atomically."""
+        log.info("building snapshot %s", folder)
         tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         try:
-            # Quantization is applied when the snapshot is loaded; the snapshot holds the merged weights.
-            model = load_adapted(plan, replace(placement, quantization=None), self.settings, StageTimer())
-            if hasattr(model, "merge_and_unload"):
-                model = model.merge_and_unload()
+            model = make_model()
             model.save_pretrained(tmp, safe_serialization=True, max_shard_size="1000GB")
             del model
             gc.collect()
@@ -93,6 +107,12 @@ class SnapshotLoader(BaseLoader):
             os.rename(tmp, folder)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _merged(plan: LoadPlan, placement: Placement, settings: Settings):
+    """The reference path's model with the adapter merged into the base weights."""
+    model = load_adapted(plan, placement, settings, StageTimer())
+    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
 
 
 def is_valid(folder: Path) -> bool:
@@ -129,9 +149,10 @@ def fingerprint(plan: LoadPlan, placement: Placement, weight_files: list[Path]) 
     for file in inputs:
         stat = file.stat()
         h.update(f"{file.resolve()}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    libraries = ["torch", "transformers", "peft", "safetensors"] + (["bitsandbytes"] if placement.quantization else [])
     h.update(json.dumps({
-        "format": FORMAT, "dtype": str(placement.dtype), "head": plan.head,
-        "labels": plan.labels, "versions": [version(p) for p in ("torch", "transformers", "peft", "safetensors")],
+        "format": FORMAT, "dtype": str(placement.dtype), "head": plan.head, "labels": plan.labels,
+        "quantization": placement.quantization, "versions": [version(p) for p in libraries],
     }).encode())
     return h.hexdigest()[:16]
 
