@@ -3,8 +3,8 @@
 Importing torch, transformers and PEFT costs seconds of CPU; reading a multi-GB snapshot costs
 seconds of disk. Started in a thread before the imports, the read overlaps them, and the loader
 then maps pages that are already in memory. This module is torch-free and only guesses which files
-the loader will want (the newest complete snapshot of each model, else the checkpoint's safetensors
-files); a wrong guess costs a read, never correctness.
+the loader will want (the newest complete snapshot of each model with the configured quantization,
+else the checkpoint's safetensors files); a wrong guess costs a read, never correctness.
 """
 
 from __future__ import annotations
@@ -31,14 +31,18 @@ def weight_files(settings: Settings) -> list[Path]:
     """The files the next load will most likely read, for every preloaded model."""
     files: list[Path] = []
     for name in settings.preload_models:
-        snapshots = [m.parent for m in settings.snapshot_path.glob(f"{name}-*/{_MANIFEST}")]
-        if settings.model_loader == "snapshot" and snapshots:
-            newest = max(snapshots, key=lambda folder: (folder / _MANIFEST).stat().st_mtime)
+        quantization = settings.quantization_for(name)
+        snapshots = []
+        for manifest in settings.snapshot_path.glob(f"{name}-*/{_MANIFEST}"):
             try:
-                files += [newest / f for f in json.loads((newest / _MANIFEST).read_text())["files"]]
+                content = json.loads(manifest.read_text())
+                if content.get("quantization") == quantization:
+                    snapshots.append((manifest.stat().st_mtime, [manifest.parent / f for f in content["files"]]))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
                 continue
-            except (OSError, ValueError, KeyError, TypeError):
-                pass
+        if settings.model_loader == "snapshot" and snapshots:
+            files += max(snapshots)[1]
+            continue
         model = Path(settings.source(name).model)
         if model.is_dir():
             files += sorted(model.glob("*.safetensors"))

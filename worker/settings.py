@@ -166,6 +166,10 @@ class Settings:
         adapter = getattr(self, f"{name}_adapter_dir")
         return ModelSource(name=name, model=model, adapter_dir=Path(adapter).expanduser() if adapter else None)
 
+    def quantization_for(self, name: str) -> str | None:
+        """``4bit``/``8bit`` when ``name`` loads quantized: only EXAONE is; KoELECTRA is too small to gain."""
+        return self.quantization_bits if self.use_quantization and name == "exaone" else None
+
 
 def _parse(name: str, kind: object, raw: str) -> object:
     var = name.upper()

@@ -19,11 +19,12 @@ def _settings(tmp_path, **env):
                               "SNAPSHOT_DIR": str(tmp_path / "snaps"), **env}, dotenv=False)
 
 
-def _snapshot(root, name, mtime):
+def _snapshot(root, name, mtime, quantization=None):
     folder = root / name
     folder.mkdir(parents=True)
     (folder / "model.safetensors").write_bytes(b"x" * 1000)
-    (folder / "snapshot.json").write_text(json.dumps({"files": {"model.safetensors": 1000}}))
+    (folder / "snapshot.json").write_text(json.dumps({"files": {"model.safetensors": 1000},
+                                                      "quantization": quantization}))
     os.utime(folder / "snapshot.json", (mtime, mtime))
     return folder
 
@@ -44,6 +45,14 @@ def test_reads_the_newest_complete_snapshot_else_the_checkpoint(tmp_path):
     assert thread is not None
     thread.join(10)
     assert not thread.is_alive()
+
+
+def test_reads_the_snapshot_of_the_configured_quantization(tmp_path):
+    (tmp_path / "ckpt").mkdir()
+    merged = _snapshot(tmp_path / "snaps", "exaone-merged", 1_000)
+    quantized = _snapshot(tmp_path / "snaps", "exaone-4bit", 2_000, quantization="4bit")
+    assert prefetch.weight_files(_settings(tmp_path)) == [merged / "model.safetensors"]
+    assert prefetch.weight_files(_settings(tmp_path, USE_QUANTIZATION="true")) == [quantized / "model.safetensors"]
 
 
 def test_nothing_to_read_for_hub_ids(tmp_path):

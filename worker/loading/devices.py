@@ -31,7 +31,7 @@ class Placement:
         else:
             dtype = _DTYPES[settings.torch_dtype]
         # bitsandbytes quantizes on CUDA and, since 0.48, on CPU (slower to compute, a quarter the memory).
-        quantization = settings.quantization_bits if settings.use_quantization and name == "exaone" else None
+        quantization = settings.quantization_for(name)
         return cls(device=device, dtype=dtype, quantization=quantization, max_memory_gb=settings.max_memory_gb)
 
     def from_pretrained_kwargs(self, quantize: bool = True) -> dict[str, Any]:

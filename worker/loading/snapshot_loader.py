@@ -83,14 +83,14 @@ class SnapshotLoader(BaseLoader):
             if is_valid(folder):  # another process built it while we waited
                 return folder, False
             if placement.quantization is None:
-                self.build(folder, lambda: _merged(plan, placement, self.settings))
+                self.build(folder, None, lambda: _merged(plan, placement, self.settings))
             else:  # quantize the merged snapshot, so merging never meets quantized layers
                 merged, _ = self.ensure_snapshot(plan, replace(placement, quantization=None), inputs)
                 kwargs = placement.from_pretrained_kwargs()
-                self.build(folder, lambda: plan.model_class.from_pretrained(merged, **kwargs))
+                self.build(folder, placement.quantization, lambda: plan.model_class.from_pretrained(merged, **kwargs))
         return folder, True
 
-    def build(self, folder: Path, make_model) -> None:
+    def build(self, folder: Path, quantization: str | None, make_model) -> None:
         """Write the model ``make_model`` returns as a snapshot, atomically."""
         log.info("building snapshot %s", folder)
         tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
@@ -101,7 +101,8 @@ class SnapshotLoader(BaseLoader):
             del model
             gc.collect()
             files = {f.name: f.stat().st_size for f in tmp.glob("*.safetensors")}
-            (tmp / MANIFEST).write_text(json.dumps({"format": FORMAT, "files": files}, indent=1))
+            (tmp / MANIFEST).write_text(json.dumps({"format": FORMAT, "files": files, "quantization": quantization},
+                                                   indent=1))
             _fsync_folder(tmp)
             shutil.rmtree(folder, ignore_errors=True)  # an invalid one we are replacing
             os.rename(tmp, folder)
