@@ -7,6 +7,7 @@ import json
 import mmap
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -92,4 +93,5 @@ def test_read_into_cache_leaves_whole_files_in_the_page_cache(tmp_path):
         pytest.skip("this filesystem keeps the file cached (tmpfs?)")
     prefetch.read_into_cache([weights, empty])
     assert _resident_fraction(weights) == 1.0
-    assert prefetch._populate(weights)  # the mapped path, not the read() fallback, did it
+    with ThreadPoolExecutor(2) as pool:
+        assert prefetch._populate(weights, pool)  # the mapped path, not the read() fallback, does it
