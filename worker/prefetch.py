@@ -55,20 +55,23 @@ def start(settings: Settings) -> threading.Thread | None:
     files = weight_files(settings)
     if not files or sum(f.stat().st_size for f in files) > 0.8 * _available_bytes():
         return None
-    return read_in_background(files)
+    # One reader, to leave the disk to the imports' own reads: with 16 readers, bench/load.py measured
+    # cold imports of 11.6 s against 8.8 s without prefetch (docs/bench-load-2026-11-28b.txt); with
+    # one, 10.4 s against 10.2 s (docs/bench-load-2026-11-28.txt). The loader, which waits, uses 16.
+    return read_in_background(files, threads=1)
 
 
-def read_in_background(files: list[Path]) -> threading.Thread:
+def read_in_background(files: list[Path], threads: int = 16) -> threading.Thread:
     """:func:`read_into_cache` in a daemon thread; join it to wait for the bytes."""
-    thread = threading.Thread(target=_read, args=(files,), name="read-weights", daemon=True)
+    thread = threading.Thread(target=_read, args=(files, threads), name="read-weights", daemon=True)
     thread.start()
     return thread
 
 
-def _read(files: list[Path]) -> None:
+def _read(files: list[Path], threads: int) -> None:
     start = time.perf_counter()
     try:
-        read_into_cache(files)
+        read_into_cache(files, threads)
     except OSError as exc:  # the loader will report a real problem with these files
         log.debug("read-ahead stopped: %s", exc)
         return
@@ -76,11 +79,11 @@ def _read(files: list[Path]) -> None:
               time.perf_counter() - start)
 
 
-def read_into_cache(files: list[Path]) -> None:
+def read_into_cache(files: list[Path], threads: int = 16) -> None:
     """Bring whole files into the page cache as fast as the disk allows.
 
     Each file is mapped and populated with ``MADV_POPULATE_READ`` (Linux 5.14+): the kernel reads
-    straight into the page cache and nothing is copied to user memory; 16 threads populate 64 MB
+    straight into the page cache and nothing is copied to user memory; ``threads`` populate 64 MB
     slices so the disk sees many requests at once. On this project's VM, reading a 4.8 GB snapshot
     cold took 2.0-3.7 s with 16 threads against 2.5-5.8 s with one (alternating runs, the disk's
     speed drifting), 5.5-6.3 s with ``read()`` into a buffer and ~11 s through the page faults of a
@@ -88,7 +91,7 @@ def read_into_cache(files: list[Path]) -> None:
     The calls go through ctypes, which releases the GIL, so imports and model construction go on
     meanwhile. Where mapping is not possible it falls back to plain reads.
     """
-    with ThreadPoolExecutor(_THREADS, thread_name_prefix="read-weights") as pool:
+    with ThreadPoolExecutor(threads, thread_name_prefix="read-weights") as pool:
         for file in files:
             if not _populate(file, pool):
                 _read_through(file)
@@ -96,7 +99,6 @@ def read_into_cache(files: list[Path]) -> None:
 
 _PROT_READ, _MAP_SHARED, _MADV_POPULATE_READ = 1, 1, 22
 _SLICE = 64 << 20
-_THREADS = 16
 _libc = None
 
 
