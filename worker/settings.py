@@ -63,6 +63,9 @@ class Settings:
     snapshot_dir: str = ""
     """Where prepared snapshots are kept; empty means ``$HF_HOME/spam-snapshots`` or
     ``~/.cache/spam-workers/snapshots``. Use a local SSD."""
+    snapshot_keep: int = 2
+    """Snapshots kept per model, the most recently used first; older ones are deleted after a build
+    (2 keeps the previous one for a worker not yet upgraded, and a quantized model's merged source)."""
     prefetch_weights: bool = True
     """Read the weight files into the page cache while torch and transformers import (overlaps them)."""
     trust_remote_code: bool = False
@@ -124,7 +127,8 @@ class Settings:
             raise SettingsError("DEVICE", f"{self.device!r} is not one of auto, cpu, cuda, cuda:N")
         if self.max_memory_gb is not None and self.max_memory_gb <= 0:
             raise SettingsError("MAX_MEMORY_GB", "must be a positive number of GB")
-        for name in ("batch_size", "max_text_chars", "max_batch_items", "batch_chunk_items", "exaone_max_tokens"):
+        for name in ("snapshot_keep", "batch_size", "max_text_chars", "max_batch_items", "batch_chunk_items",
+                     "exaone_max_tokens"):
             if getattr(self, name) < 1:
                 raise SettingsError(name.upper(), "must be at least 1")
         if not 0.0 <= self.spam_threshold <= 1.0:

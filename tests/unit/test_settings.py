@@ -44,6 +44,7 @@ def test_values_are_parsed():
     ({"MAX_MEMORY_GB": "-1"}, "MAX_MEMORY_GB: must be a positive"),
     ({"DEVICE": "tpu"}, "DEVICE: 'tpu' is not one of auto, cpu, cuda, cuda:N"),
     ({"BATCH_SIZE": "0"}, "BATCH_SIZE: must be at least 1"),
+    ({"SNAPSHOT_KEEP": "0"}, "SNAPSHOT_KEEP: must be at least 1"),
     ({"BATCH_SIZE": "many"}, "BATCH_SIZE: 'many' is not a whole number"),
     ({"CELERY_BROKER_URL": "localhost"}, "CELERY_BROKER_URL: must be a URL"),
     ({"SPAM_THRESHOLD": "2"}, "SPAM_THRESHOLD: must be between 0 and 1"),

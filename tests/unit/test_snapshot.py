@@ -7,6 +7,7 @@ import multiprocessing
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -61,7 +62,7 @@ def test_first_start_builds_later_starts_load_the_snapshot(models, tmp_path, whi
 
 
 def test_changed_inputs_build_a_new_snapshot(models, tmp_path):
-    settings = settings_for(tmp_path)
+    settings = settings_for(tmp_path, snapshot_keep=3)
     before = scores(load(settings, "exaone", models.exaone, models.exaone_adapter))
     adapter = tmp_path / "adapter"
     shutil.copytree(models.exaone_adapter, adapter)
@@ -72,6 +73,40 @@ def test_changed_inputs_build_a_new_snapshot(models, tmp_path):
     bf16 = load(replace(settings, torch_dtype="bfloat16"), "exaone", models.exaone, models.exaone_adapter)
     assert bf16.source == "checkpoint+snapshot" and next(bf16.model.parameters()).dtype == torch.bfloat16
     assert len(snapshot_folders(settings)) == 3
+
+
+def test_old_snapshots_are_deleted_after_a_build(models, tmp_path):
+    """SNAPSHOT_KEEP=2: a build keeps the two most recently used snapshots of the model, deletes the
+    rest and the temporary folders of dead builds, and leaves alone a build another process is running."""
+    from filelock import FileLock
+
+    settings = settings_for(tmp_path)
+    adapters = []
+    for n in range(3):  # the same adapter at three paths: three fingerprints
+        adapters.append(tmp_path / f"adapter{n}")
+        shutil.copytree(models.koelectra_adapter, adapters[-1])
+
+    def start(n: int) -> tuple[str, set[Path]]:
+        before = set(snapshot_folders(settings)) if settings.snapshot_path.is_dir() else set()
+        source = load(settings, "koelectra", models.koelectra, adapters[n]).source
+        return source, set(snapshot_folders(settings)) - before
+
+    _, (a,) = start(0)
+    _, (b,) = start(1)
+    time.sleep(0.05)
+    assert start(0) == ("snapshot", set())  # a is now used more recently than b
+    dead = settings.snapshot_path / "koelectra-0123456789abcdef.tmp-999999"
+    running = settings.snapshot_path / "koelectra-fedcba9876543210.tmp-1"
+    for folder in (dead, running):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"partial")
+    other_model = settings.snapshot_path / "exaone-0123456789abcdef"
+    other_model.mkdir()
+    with FileLock(str(running).split(".tmp-")[0] + ".lock"):  # held as a live builder holds it
+        _, (c,) = start(2)
+        assert set(snapshot_folders(settings)) == {a, c, running, other_model}
+    assert start(0)[0] == "snapshot"
+    assert start(1)[0] == "checkpoint+snapshot"  # b was deleted, so it is built again
 
 
 @pytest.mark.parametrize("damage", ["truncate", "manifest", "garbage"])

@@ -11,7 +11,9 @@ A snapshot lives in ``SNAPSHOT_DIR/<model>-<fingerprint>``; the fingerprint cove
 changes the weights (checkpoint and adapter files, dtype, head, library versions), so a changed
 input builds a new snapshot rather than serving a stale one. It is written into a temporary folder
 and renamed into place, under a file lock, so concurrent processes build it once and never see a
-partial one. A snapshot whose files do not match its manifest is rebuilt, never served.
+partial one. A snapshot whose files do not match its manifest is rebuilt, never served. After a
+build, a model's snapshots beyond the ``SNAPSHOT_KEEP`` most recently used are deleted, with the
+temporary folders of builds that died.
 """
 
 from __future__ import annotations
@@ -21,12 +23,13 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
 
-from filelock import FileLock
+from filelock import FileLock, Timeout
 from safetensors import SafetensorError, safe_open
 
 from worker import prefetch
@@ -77,10 +80,12 @@ class SnapshotLoader(BaseLoader):
         """The snapshot's folder, built first if missing or damaged (and whether this call built it)."""
         folder = self.settings.snapshot_path / f"{plan.name}-{fingerprint(plan, placement, inputs)}"
         if is_valid(folder):
+            _mark_used(folder)
             return folder, False
         folder.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(folder) + ".lock"):
             if is_valid(folder):  # another process built it while we waited
+                _mark_used(folder)
                 return folder, False
             if placement.quantization is None:
                 self.build(folder, None, lambda: _merged(plan, placement, self.settings))
@@ -88,6 +93,7 @@ class SnapshotLoader(BaseLoader):
                 merged, _ = self.ensure_snapshot(plan, replace(placement, quantization=None), inputs)
                 kwargs = placement.from_pretrained_kwargs()
                 self.build(folder, placement.quantization, lambda: plan.model_class.from_pretrained(merged, **kwargs))
+        prune(self.settings.snapshot_path, plan.name, self.settings.snapshot_keep)
         return folder, True
 
     def build(self, folder: Path, quantization: str | None, make_model) -> None:
@@ -156,6 +162,49 @@ def fingerprint(plan: LoadPlan, placement: Placement, weight_files: list[Path]) 
         "quantization": placement.quantization, "versions": [version(p) for p in libraries],
     }).encode())
     return h.hexdigest()[:16]
+
+
+def prune(root: Path, name: str, keep: int) -> list[Path]:
+    """Delete ``name``'s snapshots beyond the ``keep`` most recently used, and dead builds' temporary
+    folders; return what was deleted.
+
+    A folder whose lock another process holds (being built, or rebuilt) is left alone. A process
+    still serving from a deleted snapshot keeps its mapping: the kernel frees the file when the last
+    mapping goes. The empty ``.lock`` files stay, since deleting one could let two builders in.
+    """
+    pattern = re.compile(rf"{re.escape(name)}-[0-9a-f]{{16}}(\.tmp-\d+)?")
+    found = [p for p in root.iterdir() if p.is_dir() and pattern.fullmatch(p.name)] if root.is_dir() else []
+    snapshots = sorted((p for p in found if ".tmp-" not in p.name), key=_last_used, reverse=True)
+    doomed = snapshots[keep:] + [p for p in found if ".tmp-" in p.name]
+    removed = []
+    for folder in doomed:
+        lock = FileLock(str(folder).split(".tmp-")[0] + ".lock", timeout=0)
+        try:
+            with lock:
+                shutil.rmtree(folder)
+        except Timeout:
+            continue
+        except OSError as exc:
+            log.warning("could not delete old snapshot %s: %s", folder, exc)
+            continue
+        log.info("deleted old snapshot %s", folder)
+        removed.append(folder)
+    return removed
+
+
+def _mark_used(folder: Path) -> None:
+    """Record a use in the folder's mtime, which :func:`prune` ranks by; best effort (read-only dirs)."""
+    try:
+        os.utime(folder)
+    except OSError:
+        pass
+
+
+def _last_used(folder: Path) -> float:
+    try:
+        return folder.stat().st_mtime
+    except OSError:
+        return 0.0
 
 
 def _manifest(folder: Path) -> dict:
