@@ -141,7 +141,8 @@ def build_koelectra(out: Path) -> tuple[Path, Path]:
 
 
 def child(mode: str, model: str, base: str, adapter: str, snapshots: str, classify: str = "1") -> dict:
-    """Runs in a fresh process; ``ready_s`` is measured from process creation by the parent.
+    """Runs in a fresh process; ``ready_s`` runs from the parent's spawn to ``ready_at`` (wall clock),
+    so the child's exit (unmapping gigabytes, freeing the model) is not counted as loading.
 
     ``BENCH_DEVICE`` (cpu, cuda) and ``USE_QUANTIZATION`` (EXAONE) come from the parent.
     """
@@ -155,31 +156,21 @@ def child(mode: str, model: str, base: str, adapter: str, snapshots: str, classi
             from worker.prefetch import read_into_cache
 
             read_into_cache(files)
-            return {"load_s": time.perf_counter() - start, "bytes": sum(f.stat().st_size for f in files)}
+            return {"load_s": time.perf_counter() - start, "bytes": sum(f.stat().st_size for f in files),
+                    "ready_at": time.time()}
         buf = bytearray(64 << 20)
         view, total = memoryview(buf), 0
         for file in files:
             with file.open("rb", buffering=0) as fh:
                 while n := fh.readinto(view):
                     total += n
-        return {"load_s": time.perf_counter() - start, "bytes": total}
-    if mode != "guide":  # as the worker does: read the weights while the libraries import
-        from worker import prefetch
-        from worker.settings import Settings
-
-        settings = Settings.from_env({
-            "DEVICE": device, "TORCH_DTYPE": "bfloat16" if model == "exaone" else "float32", "MODEL_LOADER": "snapshot",
-            "SNAPSHOT_DIR": snapshots, "USE_QUANTIZATION": str(quantize).lower(), "PRELOAD_MODELS": model,
-            f"{model.upper()}_MODEL": base, f"{model.upper()}_ADAPTER_DIR": adapter,
-            "PREFETCH_WEIGHTS": os.environ.get("PREFETCH_WEIGHTS", "true")}, dotenv=False)
-        if settings.prefetch_weights:
-            prefetch.start(settings)
-    import torch  # noqa: F401
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
+        return {"load_s": time.perf_counter() - start, "bytes": total, "ready_at": time.time()}
     if mode == "guide":
+        import torch
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
         from peft import PeftModel
         from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -206,13 +197,24 @@ def child(mode: str, model: str, base: str, adapter: str, snapshots: str, classi
                 net(**tokenizer([text], add_special_tokens=model != "exaone", return_tensors="pt").to(net.device))
                 _sync(device)
         classify_s = time.perf_counter() - start
-        source = "checkpoint"
-    else:
+        source, stages = "checkpoint", {}
+    else:  # as the worker does: read the weights while the libraries import (before the fork, for prefork)
+        from worker import prefetch
+        from worker.settings import Settings
+
+        settings = Settings.from_env({
+            "DEVICE": device, "TORCH_DTYPE": "bfloat16" if model == "exaone" else "float32", "MODEL_LOADER": "snapshot",
+            "SNAPSHOT_DIR": snapshots, "USE_QUANTIZATION": str(quantize).lower(), "PRELOAD_MODELS": model,
+            f"{model.upper()}_MODEL": base, f"{model.upper()}_ADAPTER_DIR": adapter,
+            "PREFETCH_WEIGHTS": os.environ.get("PREFETCH_WEIGHTS", "true")}, dotenv=False)
+        if settings.prefetch_weights:
+            prefetch.start(settings)
+        from worker.startup import import_libraries
+
+        import_libraries(settings)
         from worker.classifiers import SpamClassifier
         from worker.loading import get_loader
-        from worker.loading.plan import import_model_code
 
-        import_model_code(settings)  # as the worker does before it loads (before the fork, for prefork)
         import_s = time.perf_counter() - t_import
         start = time.perf_counter()
         loaded = get_loader(settings).load_model(settings.source(model))
@@ -225,9 +227,9 @@ def child(mode: str, model: str, base: str, adapter: str, snapshots: str, classi
             classifier.score([TEXT])
             _sync(device)
         classify_s = time.perf_counter() - start
-        source = loaded.source
+        source, stages = loaded.source, loaded.timings
     return {"import_s": import_s, "load_s": load_s, "classify_s": classify_s, "source": source,
-            "peak_rss_mb": _peak_rss_mb()}
+            "peak_rss_mb": _peak_rss_mb(), "stages": stages, "ready_at": time.time()}
 
 
 def _prompt(tokenizer) -> str:
@@ -253,15 +255,16 @@ def _peak_rss_mb() -> float:
 
 
 def run_child(mode: str, model: str, base: str, adapter: str, snapshots: Path, classify: bool) -> dict:
-    start = time.perf_counter()
+    spawned = time.time()
     out = subprocess.run([sys.executable, __file__, "--child", mode, model, base, adapter, str(snapshots),
                           "1" if classify else "0"],
                          capture_output=True, text=True, cwd=ROOT, timeout=900)
-    ready_s = time.perf_counter() - start
+    exited = time.time()
     if out.returncode != 0:
         raise RuntimeError(f"{mode} {model} failed:\n{out.stderr[-3000:]}")
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    result["ready_s"] = ready_s
+    ready_at = result.pop("ready_at")
+    result["ready_s"], result["exit_s"] = ready_at - spawned, exited - ready_at
     return result
 
 
