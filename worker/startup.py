@@ -191,7 +191,7 @@ def import_libraries(settings: Settings) -> None:
     chatter. PEFT is left out: only a first start, which builds a snapshot, needs it.
 
     The cyclic garbage collector is paused meanwhile: the imports create some 600,000 objects and
-    its passes over them cost about a sixth of the import time here. They live as long as the
+    its passes over them cost about a quarter of the import time here. They live as long as the
     process, so they are then frozen: later collections, a prefork child's included, skip them
     instead of walking (and so copying) the parent's pages. The few megabytes of import-time
     garbage this keeps cost less than the half second one full collection takes.
