@@ -83,7 +83,7 @@ class SnapshotLoader(BaseLoader):
             _mark_used(folder)
             return folder, False
         folder.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(folder) + ".lock"):
+        with _build_lock(folder):
             if is_valid(folder):  # another process built it while we waited
                 _mark_used(folder)
                 return folder, False
@@ -172,13 +172,14 @@ def prune(root: Path, name: str, keep: int) -> list[Path]:
     still serving from a deleted snapshot keeps its mapping: the kernel frees the file when the last
     mapping goes. The empty ``.lock`` files stay, since deleting one could let two builders in.
     """
-    pattern = re.compile(rf"{re.escape(name)}-[0-9a-f]{{16}}(\.tmp-\d+)?")
-    found = [p for p in root.iterdir() if p.is_dir() and pattern.fullmatch(p.name)] if root.is_dir() else []
-    snapshots = sorted((p for p in found if ".tmp-" not in p.name), key=_last_used, reverse=True)
-    doomed = snapshots[keep:] + [p for p in found if ".tmp-" in p.name]
+    pattern = re.compile(rf"({re.escape(name)}-[0-9a-f]{{16}})(\.tmp-\d+)?")
+    entries = [p for p in root.iterdir() if p.is_dir()] if root.is_dir() else []
+    found = {p: m for p in entries if (m := pattern.fullmatch(p.name))}  # m[1]: the snapshot, m[2]: ".tmp-<pid>"
+    snapshots = sorted((p for p, m in found.items() if not m[2]), key=_last_used, reverse=True)
+    doomed = snapshots[keep:] + [p for p, m in found.items() if m[2]]
     removed = []
     for folder in doomed:
-        lock = FileLock(str(folder).split(".tmp-")[0] + ".lock", timeout=0)
+        lock = _build_lock(root / found[folder][1], timeout=0)  # a temp folder's is its snapshot's
         try:
             with lock:
                 shutil.rmtree(folder)
@@ -190,6 +191,11 @@ def prune(root: Path, name: str, keep: int) -> list[Path]:
         log.info("deleted old snapshot %s", folder)
         removed.append(folder)
     return removed
+
+
+def _build_lock(folder: Path, timeout: float = -1) -> FileLock:
+    """The lock held while ``folder`` is built (or deleted), beside it so it outlives the folder."""
+    return FileLock(str(folder) + ".lock", timeout=timeout)
 
 
 def _mark_used(folder: Path) -> None:
