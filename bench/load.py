@@ -233,10 +233,9 @@ def child(mode: str, model: str, base: str, adapter: str, snapshots: str, classi
 
 
 def _prompt(tokenizer) -> str:
-    from worker.classifiers import SYSTEM_PROMPT
+    from worker.prompt import BUILT_IN
 
-    messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": TEXT}]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return BUILT_IN.render(tokenizer, TEXT)
 
 
 def _sync(device: str) -> None:

@@ -9,8 +9,9 @@ from __future__ import annotations
 from typing import Any
 
 MODEL_COLUMNS = [
-    ("model", "model"), ("load_s", "load s"), ("source", "source"), ("bytes_read_mb", "MB read"),
-    ("read_gbps", "GB/s"), ("device", "device"), ("dtype", "dtype"), ("quantization", "quant"),
+    ("model", "model"), ("version", "version"), ("load_s", "load s"), ("source", "source"),
+    ("bytes_read_mb", "MB read"), ("read_gbps", "GB/s"), ("device", "device"), ("dtype", "dtype"),
+    ("quantization", "quant"),
 ]
 PROCESS_COLUMNS = [
     ("rss_mb", "RSS MB"), ("pss_mb", "PSS MB"), ("tasks_done", "done"), ("tasks_failed", "failed"),

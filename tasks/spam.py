@@ -82,19 +82,26 @@ def join_chunks(chunks: list[list[dict]]) -> list[dict]:
 
 
 @app.task(name=ESCALATE, throws=_ERRORS)
-def escalate(text: str, koelectra_score: float) -> dict:
+def escalate(text: str, koelectra_score: float, koelectra_version: str = "") -> dict:
     """EXAONE's decision on a message KoELECTRA was unsure about (sent by a KoELECTRA-only worker)."""
     with process_stats.task():
-        return _result("exaone", _score_one("exaone", text), koelectra_score)
+        return _result("exaone", _score_one("exaone", text), Score(koelectra_score, False, version=koelectra_version))
 
 
 @app.task(name=ESCALATE_BATCH, throws=_ERRORS)
 def escalate_batch(results: list, items: list, offset: int) -> list[dict]:
-    """Fill in EXAONE's decisions for the ``[index, text, koelectra_score]`` items of ``results``."""
+    """Fill in EXAONE's decisions for the ``[index, text, koelectra_score, koelectra_version]`` items
+    of ``results``."""
     with process_stats.task() as record:
         record.batch_size = len(items)
-        _escalate_items(results, [(i, text, Score(first, False)) for i, text, first in items], offset)
+        _escalate_items(results, [_escalation_item(item) for item in items], offset)
         return results
+
+
+def _escalation_item(item: list) -> tuple[int, str, Score]:
+    """``[index, text, koelectra_score, koelectra_version]``; a worker of an older release sends no version."""
+    index, text, score, *version = item
+    return index, text, Score(score, False, version=version[0] if version else "")
 
 
 def _classify_one(request, text: str, model: str) -> dict | Signature:
@@ -108,8 +115,8 @@ def _classify_one(request, text: str, model: str) -> dict | Signature:
     if not _uncertain(first):
         return _result("koelectra", first)
     if registry.has("exaone"):
-        return _result("exaone", _score_one("exaone", text), first.spam_score)
-    return escalate.si(text, first.spam_score).set(queue=queue_for("exaone"))
+        return _result("exaone", _score_one("exaone", text), first)
+    return escalate.si(text, first.spam_score, first.version).set(queue=queue_for("exaone"))
 
 
 def _classify_items(texts: list, model: str, offset: int, record: TaskRecord) -> list[dict] | Signature:
@@ -133,7 +140,7 @@ def _classify_items(texts: list, model: str, offset: int, record: TaskRecord) ->
         else:
             results[i] = _result(name, score)
     if unsure and not registry.has("exaone"):
-        items = [[i, text, first.spam_score] for i, text, first in unsure]
+        items = [[i, text, first.spam_score, first.version] for i, text, first in unsure]
         return escalate_batch.si(results, items, offset).set(queue=queue_for("exaone"))
     _escalate_items(results, unsure, offset)
     return results
@@ -145,7 +152,7 @@ def _escalate_items(results: list, unsure: list[tuple[int, str, Score]], offset:
     scores = registry.score("exaone", [text for _, text, _ in unsure])
     for (i, _, first), score in zip(unsure, scores, strict=True):
         results[i] = {"error": score.error, "index": offset + i} if score.error else \
-            _result("exaone", score, first.spam_score)
+            _result("exaone", score, first)
 
 
 def _split(texts: list, model: str) -> Signature:
@@ -178,14 +185,17 @@ def _uncertain(score: Score) -> bool:
     return band is not None and band[0] <= score.spam_score <= band[1]
 
 
-def _result(model: str, score: Score, koelectra_score: float | None = None) -> dict:
+def _result(model: str, score: Score, first: Score | None = None) -> dict:
+    """The result of ``model``'s ``score``; ``first`` is KoELECTRA's when the cascade escalated."""
     result = {
         "label": LABEL_SPAM if score.spam_score >= settings.spam_threshold else LABEL_HAM,
         "spam_score": score.spam_score,
         "model": model,
-        "escalated": koelectra_score is not None,
+        "model_version": score.version,
+        "escalated": first is not None,
         "truncated": score.truncated,
     }
-    if koelectra_score is not None:
-        result["koelectra_score"] = koelectra_score
+    if first is not None:
+        result["koelectra_score"] = first.spam_score
+        result["koelectra_version"] = first.version
     return result

@@ -1,9 +1,10 @@
 """Spam scores from a loaded model, one batched forward pass per chunk of texts.
 
 Two heads: a sequence-classification head (KoELECTRA, or EXAONE with a ``SEQ_CLS`` adapter) and
-an instruction prompt on a causal LM (EXAONE with a ``CAUSAL_LM`` adapter, or zero-shot), whose
-score compares the next-token logits of the spam and ham label words: one forward pass, no
-generation. Decoder inputs are right-padded and read at each text's last real token, so a text
+an instruction prompt on a causal LM (EXAONE with a ``CAUSAL_LM`` adapter, or zero-shot), read the
+way its adapter was trained (:mod:`worker.prompt`): the score compares the probabilities of the
+whole spam and ham label words, teacher-forced after the prompt, in one or two forward passes and
+no generation. Decoder inputs are right-padded and read at each text's real positions, so a text
 gets the same positions, and so the same score, alone or in a batch.
 """
 
@@ -15,17 +16,10 @@ import torch
 
 from worker.loading.base import LoadedModel
 from worker.loading.plan import PROMPT
+from worker.prompt import BUILT_IN
 from worker.score import Score
 
 log = logging.getLogger(__name__)
-
-SYSTEM_PROMPT = (
-    "You are a spam filter for Korean text messages. Reply with one word: "
-    "'spam' if the message is spam, advertising, phishing or fraud, otherwise 'ham'."
-)
-SPAM_WORD = "spam"
-HAM_WORD = "ham"
-
 
 class SpamClassifier:
     """Scores texts with one model; ``score`` keeps input order and sorts by length internally."""
@@ -33,22 +27,27 @@ class SpamClassifier:
     def __init__(self, loaded: LoadedModel, batch_size: int, max_tokens: int | None = None) -> None:
         self.name = loaded.name
         self.loaded = loaded
+        self.version = loaded.version
         self.batch_size = batch_size
         self.tokenizer = loaded.tokenizer
         self.device = loaded.placement.device
         window = _model_window(loaded)
         self.max_tokens = min(max_tokens, window) if max_tokens else window
         self.is_prompt = loaded.head == PROMPT
-        # Tokens the instructions take (plus one for the cut), so a message can be fitted to the window.
-        self._prompt_overhead = (
-            len(self.tokenizer(self._prompt(""), add_special_tokens=False)["input_ids"]) + 1 if self.is_prompt else 0
-        )
-        if self.is_prompt and self._prompt_overhead >= self.max_tokens:
-            raise ValueError(f"the prompt alone takes {self._prompt_overhead} tokens; EXAONE_MAX_TOKENS "
-                             f"({self.max_tokens}) leaves no room for the message")
-        self.spam_index = 0 if self.is_prompt else loaded.plan.spam_index
+        self.spam_index = loaded.plan.spam_index
+        self._prompt_overhead = 0
         if self.is_prompt:
-            self.label_ids = list(_label_token_ids(self.tokenizer))
+            self.contract = loaded.plan.prompt or BUILT_IN
+            spam, ham = self.contract.label_ids(self.tokenizer)
+            self.passes = plan_passes(spam, ham)
+            # Tokens the instructions and the fed label tokens take (plus one for the cut), so a
+            # message can be fitted to the window.
+            fed = max(len(feed) for feed, _ in self.passes)
+            self._prompt_overhead = len(self.tokenizer(self._prompt(""), add_special_tokens=False)["input_ids"]) \
+                + fed + 1
+            if self._prompt_overhead >= self.max_tokens:
+                raise ValueError(f"the prompt alone takes {self._prompt_overhead} tokens; EXAONE_MAX_TOKENS "
+                                 f"({self.max_tokens}) leaves no room for the message")
         inner = _unwrap(loaded.model)
         # Decoders are read at the last real token; encoders use their own pooling head.
         self.head = inner.lm_head if self.is_prompt else getattr(inner, "score", None)
@@ -72,7 +71,7 @@ class SpamClassifier:
             chunk = order[start:start + self.batch_size]
             probs = self._forward_splitting([inputs[i] for i in chunk])
             for i, p in zip(chunk, probs, strict=True):
-                results[i] = Score(p, truncated[i]) if p is not None else \
+                results[i] = Score(p, truncated[i], version=self.version) if p is not None else \
                     Score(float("nan"), truncated[i], error="out of memory even as a batch of one")
         return results  # type: ignore[return-value]
 
@@ -92,19 +91,43 @@ class SpamClassifier:
             return self._forward_splitting(texts[:half]) + self._forward_splitting(texts[half:])
 
     def _forward(self, texts: list[str]) -> list[float]:
-        enc = self.tokenizer(
-            texts, add_special_tokens=not self.is_prompt, truncation=not self.is_prompt,
-            max_length=None if self.is_prompt else self.max_tokens, padding=True, return_tensors="pt",
-        ).to(self.device)
+        if self.is_prompt:
+            return self._label_scores(texts)
+        enc = self.tokenizer(texts, truncation=True, max_length=self.max_tokens, padding=True,
+                             return_tensors="pt").to(self.device)
         if self.head is not None:
             hidden = self.body(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
             last = enc["attention_mask"].sum(dim=1) - 1
             logits = self.head(hidden[torch.arange(hidden.shape[0], device=hidden.device), last])
-            if self.is_prompt:
-                logits = logits[:, self.label_ids]
         else:
             logits = self.loaded.model(**enc).logits
         return torch.softmax(logits.float(), dim=-1)[:, self.spam_index].tolist()
+
+    def _label_scores(self, prompts: list[str]) -> list[float]:
+        """P(spam) / (P(spam) + P(ham)), each label's probability the product of its tokens' probabilities
+        after the prompt, teacher-forced. One forward pass per entry of ``self.passes``."""
+        prompt_ids = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        logprobs = [torch.zeros(len(prompts)), torch.zeros(len(prompts))]
+        for feed, reads in self.passes:
+            token_logprobs = self._continuation_logprobs(prompt_ids, feed)
+            for label, (offset, token) in reads:
+                logprobs[label] += token_logprobs[:, offset, token]
+        return torch.sigmoid(logprobs[0] - logprobs[1]).tolist()
+
+    def _continuation_logprobs(self, prompt_ids: list[list[int]], feed: list[int]) -> torch.Tensor:
+        """Log-probabilities ``[text, j, vocab]`` of the token that follows prompt + ``feed[:j]``, for
+        ``j`` in ``0..len(feed)``. Rows are right-padded, so a text sees the same positions alone or
+        in a batch; the LM head runs only at the positions read."""
+        rows = [ids + feed for ids in prompt_ids]
+        width = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=self.device)
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=self.device)
+        hidden = self.body(input_ids=input_ids, attention_mask=mask).last_hidden_state
+        first = torch.tensor([len(ids) - 1 for ids in prompt_ids], device=self.device)
+        positions = first[:, None] + torch.arange(len(feed) + 1, device=self.device)[None, :]
+        picked = hidden[torch.arange(len(rows), device=self.device)[:, None], positions]
+        return torch.log_softmax(self.head(picked).float(), dim=-1).cpu()
 
     def _encoder_truncation(self, texts: list[str]) -> list[bool]:
         lengths = self.tokenizer(texts, add_special_tokens=True, return_length=True)["length"]
@@ -119,10 +142,7 @@ class SpamClassifier:
         return self._prompt(self.tokenizer.decode(ids[:budget])), True
 
     def _prompt(self, text: str) -> str:
-        messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": text}]
-        if getattr(self.tokenizer, "chat_template", None):
-            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return f"{SYSTEM_PROMPT}\n\nMessage: {text}\nAnswer:"
+        return self.contract.render(self.tokenizer, text)
 
 
 def _model_window(loaded: LoadedModel) -> int:
@@ -130,17 +150,32 @@ def _model_window(loaded: LoadedModel) -> int:
     return min(int(v) for v in limits if isinstance(v, int) and 0 < v < 1_000_000)
 
 
-def _label_token_ids(tokenizer) -> tuple[int, int]:
-    """First token of each label word as the model would generate it right after the prompt."""
-    ids = []
-    for word in (SPAM_WORD, HAM_WORD):
-        tokens = tokenizer(word, add_special_tokens=False)["input_ids"]
-        if not tokens:
-            raise ValueError(f"the tokenizer encodes the label word {word!r} as nothing")
-        ids.append(tokens[0])
-    if ids[0] == ids[1]:
-        raise ValueError(f"label words {SPAM_WORD!r} and {HAM_WORD!r} start with the same token")
-    return ids[0], ids[1]
+Read = tuple[int, tuple[int, int]]
+"""``(label, (offset, token))``: add the log-probability of ``token`` at ``offset`` of a pass to a
+label's total (label 0 is spam, 1 is ham)."""
+
+
+def plan_passes(spam: list[int], ham: list[int]) -> list[tuple[list[int], list[Read]]]:
+    """Which label tokens to feed after the prompt, and which probabilities to read, so that both
+    labels are scored teacher-forced in as few forward passes as possible.
+
+    Feeding the longer label minus its last token gives the distribution after the prompt and
+    after each of its prefixes; the other label is read from the same pass as far as it shares
+    that prefix (one extra token past it), and needs a second pass only if it goes on beyond that.
+    One-token labels need one pass over the prompt alone.
+    """
+    labels = {0: spam, 1: ham}
+    first = 0 if len(spam) >= len(ham) else 1
+    second = 1 - first
+    shared = 0
+    while shared < min(len(spam), len(ham)) and spam[shared] == ham[shared]:
+        shared += 1
+    feed = labels[first][:-1]
+    reads: list[Read] = [(first, (j, t)) for j, t in enumerate(labels[first])]
+    if len(labels[second]) - 1 <= min(shared, len(feed)):
+        reads += [(second, (j, t)) for j, t in enumerate(labels[second])]
+        return [(feed, reads)]
+    return [(feed, reads), (labels[second][:-1], [(second, (j, t)) for j, t in enumerate(labels[second])])]
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:

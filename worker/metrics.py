@@ -33,6 +33,8 @@ class _Metrics:
                                   ["model", "stage"], multiprocess_mode="liveall")
         self.load_bytes = Gauge("spam_model_load_bytes", "Bytes of weights the load read",
                                 ["model", "source", "device", "dtype", "quantization"], multiprocess_mode="liveall")
+        self.info = Gauge("spam_model_info", "1 for each model a process serves, labelled with its model_version",
+                          ["model", "version"], multiprocess_mode="liveall")
         self.memory = Gauge("spam_process_memory_bytes", "Process memory (rss, pss, cuda*_allocated, ...)",
                             ["kind"], multiprocess_mode="liveall")
         self.tasks = Counter("spam_tasks", "Classification tasks by outcome", ["outcome"])
@@ -89,6 +91,7 @@ def record_load(name: str, loaded: LoadedModel) -> None:
         return
     for stage, seconds in loaded.timings.items():
         _metrics.load_seconds.labels(name, stage).set(seconds)
+    _metrics.info.labels(name, loaded.version).set(1)
     p = loaded.placement
     _metrics.load_bytes.labels(name, loaded.source, str(p.device), str(p.dtype).removeprefix("torch."),
                                p.quantization or "none").set(loaded.bytes_read)

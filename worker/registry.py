@@ -11,6 +11,7 @@ import time
 from typing import TYPE_CHECKING
 
 from producer.contract import ModelUnavailable
+from worker.errors import ModelLoadError
 from worker.stats import process_stats
 
 if TYPE_CHECKING:
@@ -36,7 +37,10 @@ class ModelRegistry:
         for name in settings.preload_models:
             loaded = loader.load_model(settings.source(name))
             max_tokens = settings.exaone_max_tokens if name == "exaone" else None
-            classifier = SpamClassifier(loaded, settings.batch_size, max_tokens)
+            try:
+                classifier = SpamClassifier(loaded, settings.batch_size, max_tokens)
+            except ValueError as exc:  # a prompt contract this tokenizer or window cannot serve
+                raise ModelLoadError(name, str(exc)) from None
             start = time.perf_counter()
             classifier.warm_up()
             loaded.timings["warmup"] = round(time.perf_counter() - start, 4)

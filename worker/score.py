@@ -11,3 +11,5 @@ class Score:
     truncated: bool
     error: str | None = None
     """Set when this text could not be scored (out of memory even alone); ``spam_score`` is then NaN."""
+    version: str = ""
+    """The ``model_version`` of the weights that gave the score."""

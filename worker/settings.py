@@ -31,6 +31,8 @@ class ModelSource:
     name: str
     model: str
     adapter_dir: Path | None
+    prompt_file: Path | None = None
+    """EXAONE: the prompt contract to use instead of the adapter's ``spam_prompt.json``."""
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,9 @@ class Settings:
     koelectra_adapter_dir: str = "artifacts/koelectra/spam_adapter"
     exaone_model: str = "LGAI-EXAONE/EXAONE-3.5-2.4B-Instruct"
     exaone_adapter_dir: str = "artifacts/exaone/spam_adapter"
+    exaone_prompt_file: str = ""
+    """The prompt contract of a ``CAUSAL_LM`` EXAONE adapter (:mod:`worker.prompt`); empty means the
+    adapter folder's ``spam_prompt.json`` if there is one, else the built-in prompt."""
     preload_models: tuple[str, ...] = MODEL_NAMES
     """Models each worker process loads at start: a comma list of ``koelectra``, ``exaone``."""
     use_safetensors: bool = True
@@ -168,7 +173,9 @@ class Settings:
         model = getattr(self, f"{name}_model")
         model = str(Path(model).expanduser()) if model.startswith("~") else model
         adapter = getattr(self, f"{name}_adapter_dir")
-        return ModelSource(name=name, model=model, adapter_dir=Path(adapter).expanduser() if adapter else None)
+        prompt = getattr(self, f"{name}_prompt_file", "")
+        return ModelSource(name=name, model=model, adapter_dir=Path(adapter).expanduser() if adapter else None,
+                           prompt_file=Path(prompt).expanduser() if prompt else None)
 
     def quantization_for(self, name: str) -> str | None:
         """``4bit``/``8bit`` when ``name`` loads quantized: only EXAONE is; KoELECTRA is too small to gain."""

@@ -61,7 +61,8 @@ def load_figures(loaded: LoadedModel) -> dict[str, Any]:
     seconds = sum(loaded.timings.values())
     read_s = loaded.timings.get("materialise", 0.0) + loaded.timings.get("warmup", 0.0)
     placement = loaded.placement
-    return {
+    figures = {
+        "version": loaded.version,
         "load_s": round(seconds, 3),
         "stages": " · ".join(f"{k} {v:.2f}" for k, v in loaded.timings.items()),
         "source": loaded.source,
@@ -71,6 +72,9 @@ def load_figures(loaded: LoadedModel) -> dict[str, Any]:
         "dtype": str(placement.dtype).removeprefix("torch."),
         "quantization": placement.quantization or "none",
     }
+    if loaded.plan.prompt is not None:
+        figures["prompt"] = loaded.plan.prompt.source
+    return figures
 
 
 @dataclass

@@ -75,10 +75,12 @@ def test_cascade_in_one_worker_escalates_only_the_uncertain(threads_worker, refe
         if result["escalated"]:
             escalated += 1
             assert result["model"] == "exaone" and result["koelectra_score"] >= band
+            assert len(result["koelectra_version"]) == 12 and result["koelectra_version"] != result["model_version"]
             assert result["koelectra_score"] == pytest.approx(reference["koelectra"][i], abs=1e-5)
             assert result["spam_score"] == pytest.approx(reference["exaone"][i], abs=1e-5)
         else:
             assert result["model"] == "koelectra" and "koelectra_score" not in result
+            assert "koelectra_version" not in result
             assert result["spam_score"] < band
             assert result["spam_score"] == pytest.approx(reference["koelectra"][i], abs=1e-5)
     assert 0 < escalated < len(TEXTS), "the band splits the texts"

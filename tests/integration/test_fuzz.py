@@ -27,7 +27,7 @@ def app(served):
 
 
 def _valid(result: dict) -> bool:
-    return (set(result) == {"label", "spam_score", "model", "escalated", "truncated"}
+    return (set(result) == {"label", "spam_score", "model", "model_version", "escalated", "truncated"}
             and result["label"] in ("spam", "ham")
             and 0.0 <= result["spam_score"] <= 1.0 and math.isfinite(result["spam_score"]))
 

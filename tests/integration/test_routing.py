@@ -59,8 +59,11 @@ def test_cascade_escalates_from_a_koelectra_worker_to_the_exaone_queue(fleet):
     app = bare_app(ko)
     result = app.send_task(CLASSIFY, args=[TEXTS[1]], queue="spam.koelectra").get(timeout=120)
     assert result["model"] == "exaone" and result["escalated"] is True
-    assert result["koelectra_score"] == pytest.approx(client.classify(TEXTS[1], "koelectra")["spam_score"], abs=1e-6)
-    assert result["spam_score"] == pytest.approx(client.classify(TEXTS[1], "exaone")["spam_score"], abs=1e-6)
+    first, final = client.classify(TEXTS[1], "koelectra"), client.classify(TEXTS[1], "exaone")
+    assert result["koelectra_score"] == pytest.approx(first["spam_score"], abs=1e-6)
+    assert result["spam_score"] == pytest.approx(final["spam_score"], abs=1e-6)
+    versions = {"model_version": final["model_version"], "koelectra_version": first["model_version"]}
+    assert {k: result[k] for k in versions} == versions and len(set(versions.values())) == 2
 
     texts = [f"{TEXTS[i % 3]} {i}" for i in range(10)]
     texts[6] = "   "
@@ -70,4 +73,5 @@ def test_cascade_escalates_from_a_koelectra_worker_to_the_exaone_queue(fleet):
     for got, want in zip(batch[:6] + batch[7:], direct[:6] + direct[7:], strict=True):
         assert got["escalated"] is True and got["model"] == "exaone"
         assert got["spam_score"] == pytest.approx(want["spam_score"], abs=1e-5)
+        assert {k: got[k] for k in versions} == versions
     assert "spam.classify_chunk" in ko.log() and "spam.escalate_batch" in ex.log()

@@ -21,7 +21,8 @@ TEXTS = [
 
 
 def _check_result(result: dict, model: str, truncated: bool | None = False) -> None:
-    assert set(result) == {"label", "spam_score", "model", "escalated", "truncated"}
+    assert set(result) == {"label", "spam_score", "model", "model_version", "escalated", "truncated"}
+    assert len(result["model_version"]) == 12
     assert result["escalated"] is False
     assert result["model"] == model
     assert 0.0 <= result["spam_score"] <= 1.0 and math.isfinite(result["spam_score"])

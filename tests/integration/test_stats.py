@@ -108,9 +108,12 @@ def test_flower_shows_each_childs_load_and_memory_and_drops_dead_children(worker
             assert values[f"{model}.source"] in ("snapshot", "checkpoint+snapshot")
             assert values[f"{model}.bytes_read_mb"] > 0
             assert values[f"{model}.device"] == "cpu" and values[f"{model}.dtype"] == "float32"
+            assert len(values[f"{model}.version"]) == 12
             stages = {part.split()[0] for part in values[f"{model}.stages"].split(" · ")}
             assert stages >= {"resolve", "materialise", "tokenizer", "warmup"}  # + snapshot on the build
         assert values["rss_mb"] > 50 and 0 < values["pss_mb"] <= values["rss_mb"]
+    versions = {m: {v[f"{m}.version"] for v in figures.values()} for m in ("koelectra", "exaone")}
+    assert all(len(v) == 1 for v in versions.values()), versions  # one version across the children
 
     for _ in range(6):
         client.classify("무료 쿠폰 당첨")
@@ -125,13 +128,16 @@ def test_flower_shows_each_childs_load_and_memory_and_drops_dead_children(worker
                            text=True, timeout=60)
     assert table.returncode == 0, table.stderr
     lines = table.stdout.splitlines()
-    assert lines[0].split()[:4] == ["worker", "process", "model", "load"]
+    assert lines[0].split()[:5] == ["worker", "process", "model", "version", "load"]
+    assert sum(next(iter(versions["exaone"])) in line for line in lines) == 2
     assert sum(" exaone " in line for line in lines) == 2 and sum(" koelectra " in line for line in lines) == 2
 
     metrics = _metrics(metrics_port)
     for pid in figures:
         assert metrics[("spam_model_load_seconds", f'model="exaone",pid="{pid}",stage="materialise"')] > 0
         assert metrics[("spam_process_memory_bytes", f'kind="pss",pid="{pid}"')] > 0
+        for model, (version,) in versions.items():
+            assert metrics[("spam_model_info", f'model="{model}",pid="{pid}",version="{version}"')] == 1
     assert metrics[("spam_tasks_total", 'outcome="succeeded"')] >= 8
     assert metrics[("spam_task_seconds_count", "")] >= 8
 

@@ -24,6 +24,7 @@ from worker.loading import plan as planning
 from worker.loading.adapters import attach_adapter, check_fits
 from worker.loading.devices import Placement
 from worker.settings import ModelSource, Settings
+from worker.versions import model_version
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,8 @@ class LoadedModel:
     """``checkpoint`` (the published files, converted on load) or a strategy's own cache."""
     bytes_read: int = 0
     """Size of the weight files this load had to read (base checkpoint and adapter)."""
+    version: str = ""
+    """``model_version`` (:mod:`worker.versions`): the same files give the same id everywhere."""
 
     @property
     def head(self) -> str:
@@ -85,6 +88,8 @@ class BaseLoader(ABC):
                 plan = planning.resolve(source, self.settings)
                 placement = Placement.for_model(source.name, self.settings)
             weights = self.load_weights(plan, placement, timer)
+            with timer.stage("version"):
+                version = model_version(plan, planning.weight_files(plan.model_id, self.settings.use_safetensors))
             with timer.stage("tokenizer"):
                 tokenizer = planning.load_tokenizer(plan)
         except ModelLoadError:
@@ -94,10 +99,12 @@ class BaseLoader(ABC):
         except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as exc:
             raise ModelLoadError(source.name, f"{type(exc).__name__}: {first_line(exc)}") from exc
         weights.model.eval()
-        log.info("loaded %s from %s (%s) in %.2fs (%s)", source.name, _where(source.model), weights.source,
-                 sum(timer.seconds.values()), ", ".join(f"{k} {v:.2f}s" for k, v in timer.seconds.items()))
+        stages = ", ".join(f"{k} {v:.2f}s" for k, v in timer.seconds.items())
+        log.info("loaded %s version %s from %s (%s) in %.2fs (%s)", source.name, version, _where(source.model),
+                 weights.source, sum(timer.seconds.values()), stages)
         return LoadedModel(source.name, weights.model, tokenizer, plan, placement, timer.seconds,
-                           source=weights.source, bytes_read=sum(f.stat().st_size for f in weights.files))
+                           source=weights.source, bytes_read=sum(f.stat().st_size for f in weights.files),
+                           version=version)
 
     @abstractmethod
     def load_weights(self, plan: planning.LoadPlan, placement: Placement, timer: StageTimer) -> LoadedWeights:

@@ -18,6 +18,7 @@ from transformers import AutoConfig, AutoTokenizer, PreTrainedConfig
 from worker.errors import ModelLoadError
 from worker.loading import exaone_layout
 from worker.loading.adapters import Adapter, read_adapter
+from worker.prompt import PromptContract, PromptFileError, find_contract
 from worker.settings import ModelSource, Settings
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,8 @@ class LoadPlan:
     labels: tuple[str, ...]
     spam_index: int
     trust_remote_code: bool
+    prompt: PromptContract | None = None
+    """The prompt and label words of a ``PROMPT`` head (:mod:`worker.prompt`)."""
 
     @property
     def model_class(self) -> type:
@@ -100,7 +103,21 @@ def resolve(source: ModelSource, settings: Settings) -> LoadPlan:
         spam_index = _spam_index(source.name, labels)
     if config.pad_token_id is None and head == SEQUENCE:
         config.pad_token_id = getattr(config, "eos_token_id", None)
-    return LoadPlan(source.name, source.model, config, head, adapter, labels, spam_index, trust)
+    return LoadPlan(source.name, source.model, config, head, adapter, labels, spam_index, trust,
+                    _prompt_contract(source, head))
+
+
+def _prompt_contract(source: ModelSource, head: str) -> PromptContract | None:
+    """The contract a prompt head reads messages with; a bad file stops the load naming its field."""
+    if head != PROMPT:
+        if source.prompt_file is not None:
+            log.warning("%s: the prompt file %s is ignored: the model has a classification head",
+                        source.name, source.prompt_file)
+        return None
+    try:
+        return find_contract(source.adapter_dir, source.prompt_file)
+    except PromptFileError as exc:
+        raise ModelLoadError(source.name, str(exc)) from None
 
 
 def _head(source: ModelSource, raw: dict, adapter: Adapter | None) -> str:
