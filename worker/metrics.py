@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 
 _metrics: _Metrics | None = None
 _PID_FILE = re.compile(r"_(\d+)\.db$")
+_served: dict[str, str] = {}  # model -> the version this process serves
+_reload_outcomes: set[str] = set()
 
 
 class _Metrics:
@@ -35,6 +37,8 @@ class _Metrics:
                                 ["model", "source", "device", "dtype", "quantization"], multiprocess_mode="liveall")
         self.info = Gauge("spam_model_info", "1 for each model a process serves, labelled with its model_version",
                           ["model", "version"], multiprocess_mode="liveall")
+        self.reload = Gauge("spam_reload_seconds", "Seconds this process's last reload took, under its outcome",
+                            ["outcome"], multiprocess_mode="liveall")
         self.memory = Gauge("spam_process_memory_bytes", "Process memory (rss, pss, cuda*_allocated, ...)",
                             ["kind"], multiprocess_mode="liveall")
         self.tasks = Counter("spam_tasks", "Classification tasks by outcome", ["outcome"])
@@ -89,12 +93,25 @@ def serve(port: int, folder: Path, live_pids: Callable[[], set[int]]) -> None:
 def record_load(name: str, loaded: LoadedModel) -> None:
     if _metrics is None:
         return
+    previous = _served.get(name)
+    if previous is not None and previous != loaded.version:  # a reload: the old version is no longer served
+        _metrics.info.labels(name, previous).set(0)
+    _served[name] = loaded.version
     for stage, seconds in loaded.timings.items():
         _metrics.load_seconds.labels(name, stage).set(seconds)
     _metrics.info.labels(name, loaded.version).set(1)
     p = loaded.placement
     _metrics.load_bytes.labels(name, loaded.source, str(p.device), str(p.dtype).removeprefix("torch."),
                                p.quantization or "none").set(loaded.bytes_read)
+
+
+def record_reload(outcome: str, seconds: float) -> None:
+    if _metrics is None:
+        return
+    for other in _reload_outcomes - {outcome}:  # multiprocess gauges cannot drop a label: zero it
+        _metrics.reload.labels(other).set(0)
+    _reload_outcomes.add(outcome)
+    _metrics.reload.labels(outcome).set(seconds)
 
 
 def record_task(seconds: float, batch_size: int, ok: bool) -> None:

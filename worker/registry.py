@@ -30,23 +30,16 @@ class ModelRegistry:
 
     def preload(self, settings: Settings) -> None:
         """Load every model in ``PRELOAD_MODELS`` completely, or raise ``ModelLoadError``."""
-        from worker.classifiers import SpamClassifier
-        from worker.loading import get_loader
-
-        loader = get_loader(settings)
         for name in settings.preload_models:
-            loaded = loader.load_model(settings.source(name))
-            max_tokens = settings.exaone_max_tokens if name == "exaone" else None
-            try:
-                classifier = SpamClassifier(loaded, settings.batch_size, max_tokens)
-            except ValueError as exc:  # a prompt contract this tokenizer or window cannot serve
-                raise ModelLoadError(name, str(exc)) from None
-            start = time.perf_counter()
-            classifier.warm_up()
-            loaded.timings["warmup"] = round(time.perf_counter() - start, 4)
-            self._models[name] = classifier
-            process_stats.record_load(name, loaded)
-            log.info("%s ready: %s", name, ", ".join(f"{k} {v:.2f}s" for k, v in loaded.timings.items()))
+            self.swap(name, load_classifier(name, settings))
+
+    def swap(self, name: str, classifier: SpamClassifier) -> None:
+        """Serve ``name`` with ``classifier`` from the next task (or batched forward pass) on; a call
+        already scoring keeps the classifier it started with."""
+        self._models[name] = classifier
+        if name in self._batchers:
+            self._batchers[name].scorer = classifier
+        process_stats.record_load(name, classifier.loaded)
 
     def enable_batching(self, max_wait_s: float) -> None:
         """Route every ``score`` through one batcher per model (processes that run tasks concurrently)."""
@@ -75,6 +68,24 @@ class ModelRegistry:
         except KeyError:
             loaded = ", ".join(self._models) or "none"
             raise ModelUnavailable(f"model {name!r} is not loaded in this worker (loaded: {loaded})") from None
+
+
+def load_classifier(name: str, settings: Settings) -> SpamClassifier:
+    """``name`` loaded completely, as ``settings`` say, and warmed up; or ``ModelLoadError``."""
+    from worker.classifiers import SpamClassifier
+    from worker.loading import get_loader
+
+    loaded = get_loader(settings).load_model(settings.source(name))
+    max_tokens = settings.exaone_max_tokens if name == "exaone" else None
+    try:
+        classifier = SpamClassifier(loaded, settings.batch_size, max_tokens)
+    except ValueError as exc:  # a prompt contract this tokenizer or window cannot serve
+        raise ModelLoadError(name, str(exc)) from None
+    start = time.perf_counter()
+    classifier.warm_up()
+    loaded.timings["warmup"] = round(time.perf_counter() - start, 4)
+    log.info("%s ready: %s", name, ", ".join(f"{k} {v:.2f}s" for k, v in loaded.timings.items()))
+    return classifier
 
 
 registry = ModelRegistry()

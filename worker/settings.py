@@ -8,10 +8,10 @@ This is the only module that reads ``os.environ`` for the worker.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
-from dotenv import load_dotenv
+from dotenv import dotenv_values, load_dotenv
 
 from worker.errors import SettingsError
 
@@ -19,6 +19,12 @@ MODEL_NAMES = ("koelectra", "exaone")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOADERS = ("snapshot", "transformers")  # worker.loading.LOADERS; named here to validate without torch
 QUANTIZATIONS = ("4bit", "8bit")
+
+MODEL_FIELDS = ("koelectra_model", "koelectra_adapter_dir", "exaone_model", "exaone_adapter_dir", "exaone_prompt_file")
+"""What a reload re-reads (``KOELECTRA_MODEL``, ``EXAONE_ADAPTER_DIR``, ...); every other setting stays."""
+
+_process_env: dict[str, str] | None = None
+"""The environment before ``.env`` was merged into it, kept so a reload can read ``.env`` again."""
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -106,8 +112,11 @@ class Settings:
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, dotenv: bool = True) -> Settings:
         """Read the settings, loading ``.env`` from the working directory first (it never overrides)."""
+        global _process_env
         if env is None:
             if dotenv:
+                if _process_env is None:
+                    _process_env = dict(os.environ)
                 load_dotenv(Path.cwd() / ".env", override=False)
             env = dict(os.environ)
         values: dict[str, object] = {}
@@ -119,6 +128,14 @@ class Settings:
         settings = cls(**values)
         settings.validate()
         return settings
+
+    def with_models_reread(self) -> Settings:
+        """These settings with the model, adapter and prompt-file variables read again from ``.env``
+        and the process environment (which still wins), as a start would read them now."""
+        env = {k: v for k, v in dotenv_values(Path.cwd() / ".env").items() if v is not None}
+        env.update(_process_env if _process_env is not None else os.environ)
+        fresh = Settings.from_env(env)
+        return replace(self, **{name: getattr(fresh, name) for name in MODEL_FIELDS})
 
     def validate(self) -> None:
         unknown = [m for m in self.preload_models if m not in MODEL_NAMES]

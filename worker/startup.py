@@ -33,7 +33,7 @@ from celery.exceptions import WorkerShutdown
 from celery.signals import worker_process_init
 from celery.worker import state
 
-from worker import metrics, prefetch, stats
+from worker import lifecycle, metrics, prefetch, stats
 from worker.errors import ModelLoadError, first_line
 from worker.registry import registry
 from worker.settings import Settings
@@ -72,6 +72,7 @@ def install(app, settings: Settings) -> None:
             if settings.metrics_port:
                 _Shared.metrics_folder = metrics.enable()
             _Shared.forks = worker.pool_cls.__module__ == "celery.concurrency.prefork"
+            lifecycle.install(settings, _Shared.forks, _Shared.stats_folder, lambda: _live_pids(worker))
             if settings.prefetch_weights:
                 prefetch.start(settings)  # reads the weights while the next line imports torch
             import_libraries(settings)
@@ -119,9 +120,11 @@ def install(app, settings: Settings) -> None:
         import torch
 
         torch.set_num_threads(_Shared.threads)
+        current = lifecycle.current_settings(settings)  # a child forked after a reload loads its version
         try:
-            registry.preload(settings)
+            registry.preload(current)
             stats.process_stats.attach(_Shared.stats_folder, f"child{current_process().index}")
+            lifecycle.watch(current)
             with _Shared.loaded.get_lock():
                 _Shared.loaded.value += 1
         except Exception as exc:  # noqa: BLE001 - every cause must stop the worker, not a swallowed log

@@ -94,6 +94,8 @@ class ProcessStats:
         self.latencies: deque[float] = deque(maxlen=_WINDOW)
         self.batch_sizes: deque[int] = deque(maxlen=_WINDOW)
         self.forward_sizes: deque[int] = deque(maxlen=_WINDOW)
+        self.reload: dict[str, Any] = {}
+        """The last reload this process took part in: generation, at, outcome, seconds, error."""
         self._lock = threading.Lock()
         self._dirty = threading.Event()
 
@@ -106,6 +108,14 @@ class ProcessStats:
     def record_load(self, name: str, loaded: LoadedModel) -> None:
         self.models[name] = load_figures(loaded)
         metrics.record_load(name, loaded)
+        self._dirty.set()
+
+    def record_reload(self, generation: int, outcome: str, seconds: float, error: str = "") -> None:
+        """Publish at once: the main process waits for every process's answer."""
+        self.reload = {"generation": generation, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "outcome": outcome,
+                       "seconds": round(seconds, 3), **({"error": error} if error else {})}
+        metrics.record_reload(outcome, seconds)
+        self.publish()
 
     @contextmanager
     def task(self, batch_size: int = 1) -> Iterator[TaskRecord]:
@@ -142,7 +152,8 @@ class ProcessStats:
             sizes = list(self.batch_sizes)
             forwards = list(self.forward_sizes)
             figures: dict[str, Any] = {"pid": os.getpid(), "label": self.label, "models": self.models,
-                                       "tasks_done": self.done, "tasks_failed": self.failed}
+                                       "tasks_done": self.done, "tasks_failed": self.failed,
+                                       **{f"reload_{k}": v for k, v in self.reload.items()}}
         if latencies:
             cuts = quantiles(latencies, n=100, method="inclusive") if len(latencies) > 1 else latencies * 99
             figures["latency_p50_ms"] = round(cuts[49] * 1000, 2)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -78,3 +79,13 @@ def test_env_example_documents_every_variable_and_parses():
     assert [f.name.upper() for f in fields(Settings) if f.name.upper() not in text] == []
     values = {k: v for k, v in dotenv_values(path).items() if v is not None}
     Settings.from_env(values, dotenv=False)
+
+
+def test_settings_reread_only_the_model_variables(tmp_path, monkeypatch):
+    """A reload reads the model, adapter and prompt-file variables again; every other setting stays."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("EXAONE_ADAPTER_DIR", raising=False)
+    (tmp_path / ".env").write_text(f"EXAONE_ADAPTER_DIR={tmp_path / 'from-env-file'}\nBATCH_SIZE=3\n")
+    started = replace(Settings.from_env({}, dotenv=False), batch_size=16)
+    fresh = started.with_models_reread()
+    assert fresh.exaone_adapter_dir == str(tmp_path / "from-env-file") and fresh.batch_size == 16

@@ -1,0 +1,180 @@
+"""Rolling a retrained adapter onto running workers: nothing lost, a bad version refused, built once."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from producer.reload import EXIT_OK, EXIT_REFUSED, exit_code, reload_fleet
+from tests import factories
+from tests.integration.helpers import client_for, wait_until_serving
+from tests.prompt_reference import KOREAN
+from worker.prompt import FILE_NAME
+from worker.registry import load_classifier
+from worker.settings import Settings
+
+pytestmark = pytest.mark.integration
+
+TEXTS = ["무료 쿠폰 당첨! 지금 바로 링크를 클릭하세요", "내일 회의는 오후 3시에 시작합니다",
+         "대출 승인 완료 010-1234-5678", "엄마 오늘 저녁 같이 먹어요"]
+
+
+@pytest.fixture
+def adapters(models, tmp_path) -> dict[str, Path]:
+    """v1 (the session's adapter), v2 (one module retrained) and ``current``, a symlink to v1."""
+    v1, v2 = tmp_path / "v1", tmp_path / "v2"
+    shutil.copytree(models.exaone_adapter, v1)
+    shutil.copytree(models.exaone_adapter, v2)
+    factories.perturb_adapter_module(v2, "h.1.mlp.c_proj", scale=0.5)
+    current = tmp_path / "current"
+    current.symlink_to(v1)
+    return {"v1": v1, "v2": v2, "current": current}
+
+
+def flip(link: Path, target: Path) -> None:
+    tmp = link.with_name(link.name + ".new")
+    tmp.symlink_to(target)
+    tmp.replace(link)
+
+
+def reference(models, adapter: Path, tmp_path: Path) -> list[float]:
+    """The scores a worker started fresh on ``adapter`` gives: the same load, in this process."""
+    settings = Settings.from_env(models.env(EXAONE_ADAPTER_DIR=str(adapter), SNAPSHOT_DIR=str(tmp_path / "ref")),
+                                 dotenv=False)
+    return [s.spam_score for s in load_classifier("exaone", settings).score(TEXTS)]
+
+
+def served(client) -> dict[int, dict[str, str]]:
+    stats = client.app.control.inspect(timeout=2.0).stats() or {}
+    out: dict[int, dict[str, str]] = {}
+    for figures in stats.values():
+        for key, value in figures.items():
+            parts = key.split(".")
+            if len(parts) == 4 and parts[3] == "version":
+                out.setdefault(int(parts[1].removeprefix("pid")), {})[parts[2]] = value
+    return out
+
+
+@pytest.mark.parametrize(("pool", "concurrency"), [("prefork", 2), ("threads", 8)])
+def test_a_stream_of_tasks_runs_through_a_reload_exactly_once(worker_factory, models, adapters, tmp_path, pool,
+                                                             concurrency):
+    env = models.env(PRELOAD_MODELS="koelectra,exaone", EXAONE_ADAPTER_DIR=str(adapters["current"]),
+                     SNAPSHOT_DIR=str(tmp_path / "snapshots"))
+    worker = worker_factory(env, pool=pool, concurrency=concurrency, name=f"reload-{pool}")
+    client = client_for(worker)
+    wait_until_serving(worker, client)
+    before = served(client)
+    old = {v["exaone"] for v in before.values()}
+    assert len(old) == 1 and len(before) == (concurrency if pool == "prefork" else 1)
+
+    handles: list = []
+    stop = threading.Event()
+
+    def stream() -> None:
+        i = 0
+        while not stop.is_set():
+            handles.append(("single", client.submit(TEXTS[i % 4], model="exaone")))
+            if i % 5 == 0:
+                handles.append(("batch", client.submit_batch(TEXTS, model="exaone")))
+            i += 1
+            time.sleep(0.05)
+
+    sender = threading.Thread(target=stream)
+    sender.start()
+    time.sleep(1.0)
+    flip(adapters["current"], adapters["v2"])
+    outcomes = reload_fleet(client.app, timeout=180)
+    returned = len(handles)
+    time.sleep(1.0)
+    stop.set()
+    sender.join()
+
+    assert exit_code(outcomes) == EXIT_OK, outcomes
+    (outcome,) = outcomes
+    assert re.search(r"exaone [0-9a-f]{12} -> [0-9a-f]{12}", outcome.line) and "koelectra unchanged" in outcome.line
+    after = served(client)
+    assert set(after) == set(before), "no process restarted"
+    (new,) = {v["exaone"] for v in after.values()}
+    assert new != old.pop()
+
+    results = [(kind, h.get(timeout=120)) for kind, h in handles]
+    assert len(results) > 20
+    expected = reference(models, adapters["v2"], tmp_path)
+    for kind, result in results[returned:]:
+        items = result if kind == "batch" else [result]
+        assert {r["model_version"] for r in items} == {new}
+        if kind == "batch":
+            assert [r["spam_score"] for r in items] == pytest.approx(expected, abs=1e-5)
+    ids = [h.id for _, h in handles]
+    log = worker.log()
+    assert all(log.count(f"[{i}] succeeded") == 1 for i in ids), "every task succeeded exactly once"
+    client.close()
+
+
+@pytest.mark.parametrize("case", ["truncated-weights", "another-base", "bad-prompt"])
+def test_a_version_that_cannot_load_is_refused_and_the_old_one_serves(worker_factory, models, adapters, tmp_path,
+                                                                     case):
+    bad = tmp_path / case
+    if case == "another-base":
+        shutil.copytree(models.koelectra_adapter, bad)
+    else:
+        shutil.copytree(adapters["v2"], bad)
+    if case == "truncated-weights":
+        weights = bad / "adapter_model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:5000])
+    if case == "bad-prompt":
+        (bad / FILE_NAME).write_text(json.dumps({**KOREAN, "labels": {"spam": "스팸"}}, ensure_ascii=False))
+    env = models.env(PRELOAD_MODELS="exaone", EXAONE_ADAPTER_DIR=str(adapters["current"]),
+                     SNAPSHOT_DIR=str(tmp_path / "snapshots"))
+    worker = worker_factory(env, pool="prefork", concurrency=2, name=f"refuse-{case}")
+    client = client_for(worker)
+    wait_until_serving(worker, client)
+    before = served(client)
+    scores = [r["spam_score"] for r in client.submit_batch(TEXTS, model="exaone").get(timeout=60)]
+
+    flip(adapters["current"], bad)
+    outcomes = reload_fleet(client.app, timeout=120)
+    assert exit_code(outcomes) == EXIT_REFUSED
+    (outcome,) = outcomes
+    cause = {"truncated-weights": "corrupt adapter weights", "another-base": "does not fit",
+             "bad-prompt": "labels.ham: must be a non-empty string"}[case]
+    assert outcome.line.startswith("exaone refused, still serving") and "cannot load model 'exaone'" in outcome.line
+    assert cause in outcome.line and "\n" not in outcome.line
+    assert served(client) == before
+    again = client.submit_batch(TEXTS, model="exaone").get(timeout=60)
+    assert [r["spam_score"] for r in again] == scores
+    assert worker.process.poll() is None
+    client.close()
+
+
+def test_two_workers_on_one_snapshot_dir_build_once_and_a_second_reload_is_unchanged(worker_factory, models,
+                                                                                    adapters, tmp_path):
+    env = models.env(PRELOAD_MODELS="exaone", EXAONE_ADAPTER_DIR=str(adapters["current"]),
+                     SNAPSHOT_DIR=str(tmp_path / "snapshots"))
+    first = worker_factory(env, pool="prefork", concurrency=2, name="shared-a")
+    second = worker_factory(env, pool="threads", concurrency=4, name="shared-b",
+                            urls=(first.broker_url, first.backend_url))
+    client = client_for(first)
+    wait_until_serving(first, client)
+    wait_until_serving(second, client)
+    built = lambda: sum(w.log().count("building snapshot") for w in (first, second))  # noqa: E731
+    start_builds = built()
+
+    flip(adapters["current"], adapters["v2"])
+    outcomes = reload_fleet(client.app, timeout=180)
+    assert exit_code(outcomes) == EXIT_OK and len(outcomes) == 2, outcomes
+    assert all("exaone" in o.line and "->" in o.line for o in outcomes)
+    assert built() == start_builds + 1, "the new snapshot is built once per host"
+    versions = {v["exaone"] for v in served(client).values()}
+    assert len(versions) == 1
+
+    again = reload_fleet(client.app, timeout=60)
+    assert exit_code(again) == EXIT_OK and all("exaone unchanged" in o.line for o in again), again
+    assert built() == start_builds + 1
+    client.close()
