@@ -36,8 +36,9 @@ def scores(loaded) -> list[float]:
     return [s.spam_score for s in SpamClassifier(loaded, batch_size=4).score(TEXTS)]
 
 
-def snapshot_folders(settings: Settings) -> list[Path]:
-    return sorted(p for p in settings.snapshot_path.iterdir() if p.is_dir())
+def snapshot_folders(settings: Settings, base: bool = False) -> list[Path]:
+    """The serving snapshots (``base``: the converted bases the adapters' snapshots merge into)."""
+    return sorted(p for p in settings.snapshot_path.iterdir() if p.is_dir() and ("-base-" in p.name) == base)
 
 
 @pytest.mark.parametrize("which", ["exaone", "exaone_cls", "koelectra"])
@@ -53,7 +54,7 @@ def test_first_start_builds_later_starts_load_the_snapshot(models, tmp_path, whi
     assert first.source == "checkpoint+snapshot" and "snapshot" in first.timings
     second = load(settings, name, base, adapter)
     assert second.source == "snapshot"
-    assert set(second.timings) == {"resolve", "materialise", "read", "tokenizer"}  # no adapter/merge/build
+    assert set(second.timings) == {"resolve", "materialise", "read", "version", "tokenizer"}  # no adapter/merge/build
     assert not any("lora_" in n for n, _ in second.model.named_modules())
     (folder,) = snapshot_folders(settings)
     assert second.bytes_read == sum(f.stat().st_size for f in folder.glob("*.safetensors"))
@@ -73,6 +74,28 @@ def test_changed_inputs_build_a_new_snapshot(models, tmp_path):
     bf16 = load(replace(settings, torch_dtype="bfloat16"), "exaone", models.exaone, models.exaone_adapter)
     assert bf16.source == "checkpoint+snapshot" and next(bf16.model.parameters()).dtype == torch.bfloat16
     assert len(snapshot_folders(settings)) == 3
+    assert len(snapshot_folders(settings, base=True)) == 2  # float32 and bfloat16
+
+
+def test_a_new_adapter_merges_into_the_converted_base_without_reading_the_checkpoint(models, tmp_path,
+                                                                                     monkeypatch):
+    from worker.loading import snapshot_loader
+
+    settings = settings_for(tmp_path)
+    load(settings, "exaone", models.exaone, models.exaone_adapter)
+    (base,) = snapshot_folders(settings, base=True)
+    adapter = tmp_path / "retrained"
+    shutil.copytree(models.exaone_adapter, adapter)
+    factories.perturb_adapter_module(adapter, "transformer.h.0.mlp.c_fc_1.")
+    sources = []
+    real = snapshot_loader.load_base
+    monkeypatch.setattr(snapshot_loader, "load_base", lambda plan, folder, *a, **k: sources.append(folder) or
+                        real(plan, folder, *a, **k))
+    monkeypatch.setattr(snapshot_loader, "load_adapted", lambda *a, **k: pytest.fail("read the checkpoint"))
+    changed = load(settings, "exaone", models.exaone, adapter)
+    assert changed.source == "checkpoint+snapshot" and sources == [base]
+    reference = scores(load(replace(settings, model_loader="transformers"), "exaone", models.exaone, adapter))
+    assert scores(changed) == pytest.approx(reference, abs=1e-5)
 
 
 def test_old_snapshots_are_deleted_after_a_build(models, tmp_path):

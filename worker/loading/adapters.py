@@ -120,7 +120,10 @@ def attach_adapter(model_name: str, model: torch.nn.Module, adapter: Adapter) ->
     from peft.utils import set_peft_model_state_dict
 
     try:
-        peft_model = get_peft_model(model, adapter.peft_config(model_name))
+        config = adapter.peft_config(model_name)
+        # The base may be a converted copy of the checkpoint the adapter names (a base snapshot).
+        config.base_model_name_or_path = getattr(model, "name_or_path", None) or config.base_model_name_or_path
+        peft_model = get_peft_model(model, config)
     except (ValueError, KeyError, RuntimeError) as exc:
         raise ModelLoadError(model_name, f"adapter {str(adapter.path)!r} does not fit this model: {exc}") from exc
     try:

@@ -120,19 +120,26 @@ def load_adapted(plan: planning.LoadPlan, placement: Placement, settings: Settin
     transformers would only log it and leave the weight random.
     """
     with timer.stage("materialise"):
-        model, info = plan.model_class.from_pretrained(
-            plan.model_id, config=plan.config, use_safetensors=settings.use_safetensors or None,
-            trust_remote_code=plan.trust_remote_code, output_loading_info=True, **placement.from_pretrained_kwargs(),
-        )
-    if info["mismatched_keys"]:
-        first = sorted(info["mismatched_keys"])[0]
-        raise ModelLoadError(plan.name, f"weights with the wrong shape in {plan.model_id!r} (first: {first})")
-    if plan.adapter is not None:
-        check_fits(plan.name, model, plan.adapter)
-    _check_complete(plan, set(info["missing_keys"]))
+        model = load_base(plan, plan.model_id, placement, use_safetensors=settings.use_safetensors or None)
     if plan.adapter is not None:
         with timer.stage("adapter"):
             model = attach_adapter(plan.name, model, plan.adapter)
+    return model
+
+
+def load_base(plan: planning.LoadPlan, folder: str | Path, placement: Placement, **kwargs: Any) -> torch.nn.Module:
+    """The base model from ``folder`` (the checkpoint, or a converted copy of it), checked to be
+    complete once the adapter's saved modules are in, and to fit the adapter."""
+    model, info = plan.model_class.from_pretrained(
+        folder, config=plan.config, trust_remote_code=plan.trust_remote_code, output_loading_info=True,
+        **placement.from_pretrained_kwargs(), **kwargs,
+    )
+    if info["mismatched_keys"]:
+        first = sorted(info["mismatched_keys"])[0]
+        raise ModelLoadError(plan.name, f"weights with the wrong shape in {str(folder)!r} (first: {first})")
+    if plan.adapter is not None:
+        check_fits(plan.name, model, plan.adapter)
+    _check_complete(plan, set(info["missing_keys"]))
     return model
 
 

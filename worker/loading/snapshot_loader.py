@@ -34,10 +34,10 @@ from safetensors import SafetensorError, safe_open
 
 from worker import prefetch
 from worker.errors import ModelLoadError
-from worker.loading.base import BaseLoader, LoadedWeights, StageTimer, checkpoint_files, load_adapted
+from worker.loading.adapters import attach_adapter
+from worker.loading.base import BaseLoader, LoadedWeights, StageTimer, checkpoint_files, load_adapted, load_base
 from worker.loading.devices import Placement
 from worker.loading.plan import LoadPlan
-from worker.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -87,14 +87,30 @@ class SnapshotLoader(BaseLoader):
             if is_valid(folder):  # another process built it while we waited
                 _mark_used(folder)
                 return folder, False
-            if placement.quantization is None:
-                self.build(folder, None, lambda: _merged(plan, placement, self.settings))
+            if placement.quantization is None and plan.adapter is not None:
+                base = self.ensure_base(plan, placement, inputs)
+                self.build(folder, None, lambda: _merged(plan, placement, base))
+            elif placement.quantization is None:
+                self.build(folder, None, lambda: load_adapted(plan, placement, self.settings, StageTimer()))
             else:  # quantize the merged snapshot, so merging never meets quantized layers
                 merged, _ = self.ensure_snapshot(plan, replace(placement, quantization=None), inputs)
                 kwargs = placement.from_pretrained_kwargs()
                 self.build(folder, placement.quantization, lambda: plan.model_class.from_pretrained(merged, **kwargs))
         prune(self.settings.snapshot_path, plan.name, self.settings.snapshot_keep)
         return folder, True
+
+    def ensure_base(self, plan: LoadPlan, placement: Placement, inputs: list[Path]) -> Path:
+        """The base checkpoint converted to the target dtype, without any adapter: built once, so a
+        new adapter's snapshot merges into it instead of reading and converting the checkpoint again."""
+        base_files = [f for f in inputs if plan.adapter.path not in f.parents]
+        folder = self.settings.snapshot_path / f"{plan.name}-base-{fingerprint(plan, placement, base_files, base=True)}"
+        with _build_lock(folder):
+            if not is_valid(folder):
+                self.build(folder, None, lambda: load_base(plan, plan.model_id, placement,
+                                                           use_safetensors=self.settings.use_safetensors or None))
+                prune(self.settings.snapshot_path, f"{plan.name}-base", self.settings.snapshot_keep)
+        _mark_used(folder)
+        return folder
 
     def build(self, folder: Path, quantization: str | None, make_model) -> None:
         """Write the model ``make_model`` returns as a snapshot, atomically."""
@@ -116,10 +132,10 @@ class SnapshotLoader(BaseLoader):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _merged(plan: LoadPlan, placement: Placement, settings: Settings):
-    """The reference path's model with the adapter merged into the base weights."""
-    model = load_adapted(plan, placement, settings, StageTimer())
-    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+def _merged(plan: LoadPlan, placement: Placement, base: Path):
+    """The base snapshot with the verified adapter merged into its weights."""
+    model = attach_adapter(plan.name, load_base(plan, base, placement), plan.adapter)
+    return model.merge_and_unload()
 
 
 def is_valid(folder: Path) -> bool:
@@ -140,8 +156,9 @@ def is_valid(folder: Path) -> bool:
         return False
 
 
-def fingerprint(plan: LoadPlan, placement: Placement, weight_files: list[Path]) -> str:
-    """A hash of everything that changes the prepared weights (``weight_files``: checkpoint + adapter)."""
+def fingerprint(plan: LoadPlan, placement: Placement, weight_files: list[Path], base: bool = False) -> str:
+    """A hash of everything that changes the prepared weights (``weight_files``: checkpoint + adapter);
+    ``base``: of the converted base alone, which no adapter file or label name changes."""
     from importlib.metadata import version
 
     if not weight_files:
@@ -150,7 +167,7 @@ def fingerprint(plan: LoadPlan, placement: Placement, weight_files: list[Path]) 
     config = Path(plan.model_id) / "config.json"
     if config.is_file():
         inputs.append(config)
-    if plan.adapter is not None:
+    if plan.adapter is not None and not base:
         inputs += sorted(plan.adapter.path.glob("adapter_config.json")) + sorted(plan.adapter.path.glob("config.json"))
     h = hashlib.sha256()
     for file in inputs:
@@ -158,7 +175,8 @@ def fingerprint(plan: LoadPlan, placement: Placement, weight_files: list[Path]) 
         h.update(f"{file.resolve()}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
     libraries = ["torch", "transformers", "peft", "safetensors"] + (["bitsandbytes"] if placement.quantization else [])
     h.update(json.dumps({
-        "format": FORMAT, "dtype": str(placement.dtype), "head": plan.head, "labels": plan.labels,
+        "format": FORMAT, "dtype": str(placement.dtype), "head": plan.head,
+        "labels": len(plan.labels) if base else plan.labels, "base": base,
         "quantization": placement.quantization, "versions": [version(p) for p in libraries],
     }).encode())
     return h.hexdigest()[:16]
