@@ -86,3 +86,66 @@ class ResultWriter:
             self.csv.writerow(row)
         else:
             self.fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+LABEL_WORDS = {"spam": True, "1": True, "true": True, "ham": False, "0": False, "false": False}
+"""Accepted labels (case-insensitive, surrounding whitespace ignored): spam is the positive class."""
+
+
+def parse_label(raw: object) -> bool:
+    """``True`` for spam, ``False`` for ham; a ``ValueError`` for anything else. JSON booleans and the
+    integers 0/1 are accepted as well as their spellings."""
+    if isinstance(raw, bool):
+        return raw
+    if isinstance(raw, int):
+        raw = str(raw)
+    if isinstance(raw, str):
+        found = LABEL_WORDS.get(raw.strip().lower())
+        if found is not None:
+            return found
+    raise ValueError(f"label {raw!r} is not spam/ham, 1/0 or true/false")
+
+
+def read_labeled(path: Path, fmt: str, field: str = "text", label_field: str = "label") -> Iterator[tuple[str, bool]]:
+    """Yield ``(text, is_spam)`` per record of a labeled CSV or JSONL file; a record that cannot be
+    read or whose label is not one of :data:`LABEL_WORDS` is an error naming its line."""
+    if fmt not in ("csv", "jsonl"):
+        raise ValueError(f"{path}: a labeled file is .csv or .jsonl, not {fmt!r}")
+    try:
+        with path.open(encoding="utf-8", newline="") as fh:
+            rows = _csv_labeled(path, fh, field, label_field) if fmt == "csv" else \
+                _jsonl_labeled(path, fh, field, label_field)
+            for number, text, raw in rows:
+                try:
+                    yield text, parse_label(raw)
+                except ValueError as exc:
+                    raise ValueError(f"{path}:{number}: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text ({exc.reason})") from None
+
+
+def _csv_labeled(path: Path, fh: IO[str], field: str, label_field: str) -> Iterator[tuple[int, str, object]]:
+    reader = csv.DictReader(fh)
+    try:
+        for column in (field, label_field):
+            if reader.fieldnames is None or column not in reader.fieldnames:
+                raise ValueError(f"{path}: no column {column!r} (columns: {reader.fieldnames})")
+        for row in reader:
+            # line_num is the line the record ends on: its own line unless a quoted field spans lines
+            yield reader.line_num, row[field], row[label_field]
+    except csv.Error as exc:
+        raise ValueError(f"{path}:{reader.line_num}: {exc}") from None
+
+
+def _jsonl_labeled(path: Path, fh: IO[str], field: str, label_field: str) -> Iterator[tuple[int, str, object]]:
+    for number, line in enumerate(fh, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{number}: not JSON ({exc.msg})") from None
+        for name in (field, label_field):
+            if not isinstance(record, dict) or name not in record:
+                raise ValueError(f"{path}:{number}: no field {name!r}")
+        yield number, record[field], record[label_field]

@@ -155,3 +155,49 @@ def test_batch_cli_resumes_a_killed_job_with_one_row_per_line(served, tmp_path):
     scores = [float(r["spam_score"]) for r in rows if r["spam_score"]]
     assert len(scores) == lines - 1
     assert scores == pytest.approx([float(r["spam_score"]) for r in expected if r["spam_score"]], abs=1e-6)
+
+
+# --- every CLI error is one line and an exit code (the ones needing no server: tests/unit/test_cli_errors.py)
+
+
+def _one_line(run: subprocess.CompletedProcess) -> str:
+    lines = [line for line in run.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in run.stderr, run.stderr
+    return lines[0]
+
+
+def _producer(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "producer", *args], cwd=ROOT, env={"PATH": "/usr/bin:/bin", **env},
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_classify_cli_refused_text_is_one_line(served):
+    worker, _ = served
+    env = {"CELERY_BROKER_URL": worker.broker_url, "CELERY_RESULT_BACKEND": worker.backend_url}
+    run = _producer(env, "classify", "")
+    assert run.returncode == 2
+    assert _one_line(run) == "producer classify: text is empty"
+    run = _producer(env, "classify", "x" * 20001, "--model", "koelectra")
+    assert run.returncode == 2 and "the limit is 20000 (MAX_TEXT_CHARS)" in _one_line(run)
+
+
+def test_cli_timeout_is_one_line(redis_server):
+    broker, backend = redis_server.fresh_pair()  # a live broker that no worker serves
+    env = {"CELERY_BROKER_URL": broker, "CELERY_RESULT_BACKEND": backend}
+    start = time.monotonic()
+    run = _producer(env, "--timeout", "1", "classify", "무료 쿠폰")
+    assert time.monotonic() - start < 30
+    assert run.returncode == 4
+    assert _one_line(run) == "producer classify: no result within 1 s (--timeout)"
+
+
+def test_cli_unreachable_result_backend_is_one_line(redis_server):
+    from tests.redis_process import free_port
+
+    broker, _ = redis_server.fresh_pair()
+    port = free_port()
+    run = _producer({"CELERY_BROKER_URL": broker, "CELERY_RESULT_BACKEND": f"redis://:pw@127.0.0.1:{port}/1"},
+                    "classify", "x", timeout=30)
+    assert run.returncode == 3
+    assert _one_line(run).startswith(f"producer classify: cannot reach the result backend at "
+                                     f"redis://:**@127.0.0.1:{port}/1")
