@@ -16,6 +16,7 @@ MODEL_COLUMNS = [
 PROCESS_COLUMNS = [
     ("rss_mb", "RSS MB"), ("pss_mb", "PSS MB"), ("tasks_done", "done"), ("tasks_failed", "failed"),
     ("latency_p50_ms", "p50 ms"), ("latency_p95_ms", "p95 ms"), ("batch_mean", "batch"),
+    ("reload_outcome", "reload"), ("reload_at", "reloaded at"), ("reload_s", "reload s"),
 ]
 
 

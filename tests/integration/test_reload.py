@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -13,6 +16,7 @@ import pytest
 
 from producer.reload import EXIT_OK, EXIT_REFUSED, exit_code, reload_fleet
 from tests import factories
+from tests.conftest import ROOT
 from tests.integration.helpers import client_for, wait_until_serving
 from tests.prompt_reference import KOREAN
 from worker.prompt import FILE_NAME
@@ -102,6 +106,9 @@ def test_a_stream_of_tasks_runs_through_a_reload_exactly_once(worker_factory, mo
     assert set(after) == set(before), "no process restarted"
     (new,) = {v["exaone"] for v in after.values()}
     assert new != old.pop()
+    stats = next(iter((client.app.control.inspect(timeout=2.0).stats() or {}).values()))
+    outcomes_seen = {k: v for k, v in stats.items() if k.endswith(".reload_outcome")}
+    assert len(outcomes_seen) == len(after) and set(outcomes_seen.values()) == {"switched"}, stats
 
     results = [(kind, h.get(timeout=120)) for kind, h in handles]
     assert len(results) > 20
@@ -139,13 +146,16 @@ def test_a_version_that_cannot_load_is_refused_and_the_old_one_serves(worker_fac
     scores = [r["spam_score"] for r in client.submit_batch(TEXTS, model="exaone").get(timeout=60)]
 
     flip(adapters["current"], bad)
-    outcomes = reload_fleet(client.app, timeout=120)
-    assert exit_code(outcomes) == EXIT_REFUSED
-    (outcome,) = outcomes
+    cli = subprocess.run([sys.executable, "-m", "producer", "reload", "--timeout", "120"], cwd=ROOT, text=True,
+                         capture_output=True, timeout=180,
+                         env={**os.environ, "CELERY_BROKER_URL": worker.broker_url,
+                              "CELERY_RESULT_BACKEND": worker.backend_url})
+    assert cli.returncode == EXIT_REFUSED, cli.stderr
+    (line,) = cli.stdout.splitlines()
     cause = {"truncated-weights": "corrupt adapter weights", "another-base": "does not fit",
              "bad-prompt": "labels.ham: must be a non-empty string"}[case]
-    assert outcome.line.startswith("exaone refused, still serving") and "cannot load model 'exaone'" in outcome.line
-    assert cause in outcome.line and "\n" not in outcome.line
+    assert re.match(r"\S+@\S+: exaone refused, still serving [0-9a-f]{12}: ", line), line
+    assert "cannot load model 'exaone'" in line and cause in line
     assert served(client) == before
     again = client.submit_batch(TEXTS, model="exaone").get(timeout=60)
     assert [r["spam_score"] for r in again] == scores
