@@ -8,11 +8,12 @@ adapter and prompt-file settings again, as a start would (the environment, then 
   ``unchanged`` (same ``model_version``, no work), ``switched`` (old → new version, seconds to
   prepare, seconds until every serving process used it) or ``refused`` (one line: the new version
   cannot load, and the old one keeps serving);
-- prepares each changed model in a thread of the main process while the old version serves: the
-  same load as a start (the snapshot is built once per host under its lock in ``SNAPSHOT_DIR``,
-  every adapter tensor verified) and the warm-up pass. A prefork worker prepares on the CPU, so its
-  main process never touches CUDA, and only to build and check: its children load the prepared
-  snapshot themselves, memory-mapped, so they share one copy of it;
+- prepares each changed model in a thread of the main process while the old version serves. A
+  threads or solo worker loads it as a start does (the snapshot built once per host under its lock
+  in ``SNAPSHOT_DIR``, every adapter tensor verified, the warm-up pass). A prefork worker's main
+  process only builds what its children will load and checks what it can without materialising the
+  model (the adapter, the tokenizer, the prompt's labels), on the CPU: it never touches CUDA, and
+  holds no copy of the model;
 - switches every serving process between tasks: a threads or solo worker swaps the prepared model
   in; each prefork child, watching a counter shared at fork, loads the new version in a thread while
   it keeps serving, then swaps. A task that started scoring finishes on the model it started with.
@@ -37,7 +38,7 @@ from typing import Any
 from celery.worker.control import control_command
 
 from worker.errors import ModelLoadError, first_line
-from worker.registry import load_classifier, registry
+from worker.registry import LOAD_LOCK, load_classifier, registry
 from worker.settings import MODEL_FIELDS, Settings
 from worker.stats import collect, process_stats
 
@@ -150,18 +151,22 @@ def _prepare(name: str, fresh: Settings, served: set[str]) -> tuple[dict[str, An
         version = _version_of(name, settings)
         if served == {version}:
             return {"outcome": "unchanged", "old": version, "new": version}, None
-        if _worker.forks:  # build and check on the CPU; the children load it on their device
-            classifier = load_classifier(name, replace(settings, device="cpu", torch_dtype=_served_dtype(name)))
+        if _worker.forks:  # build and check on the CPU (no CUDA before a fork); each child then loads it
+            from worker.loading import get_loader
+
+            prepare = replace(settings, device="cpu", torch_dtype=_served_dtype(name))
+            with LOAD_LOCK:
+                classifier, version = None, get_loader(prepare).prepare(settings.source(name))
         else:
             classifier = load_classifier(name, settings)
+            version = classifier.version
     except ModelLoadError as exc:
         return {"outcome": "refused", "old": old, "error": str(exc)}, None
     except Exception as exc:  # noqa: BLE001 - any failure to prepare is a refusal, never a crash
         return {"outcome": "refused", "old": old, "error": f"cannot load model {name!r}: {type(exc).__name__}: "
                 f"{first_line(exc)}"}, None
-    outcome = {"outcome": "prepared", "old": old, "new": classifier.version,
-               "prepare_s": round(time.perf_counter() - start, 3)}
-    return outcome, None if _worker.forks else classifier
+    outcome = {"outcome": "prepared", "old": old, "new": version, "prepare_s": round(time.perf_counter() - start, 3)}
+    return outcome, classifier
 
 
 def _switch(fresh: Settings, prepared: dict[str, Any], outcomes: dict[str, dict[str, Any]]) -> None:
@@ -247,6 +252,33 @@ def _describe(outcome: dict[str, Any]) -> str:
     if kind == "unchanged":
         return f"unchanged ({outcome['new']})"
     return f"{kind}: {outcome.get('error', '')}"
+
+
+# --- a first start ---------------------------------------------------------------------------------------
+
+
+def finish(settings: Settings) -> None:
+    """In a serving process after its load: build the snapshots its first start deferred (it serves
+    from the checkpoint meanwhile), then switch to them, memory-mapped and shared. A reload that
+    switched the model in the meantime wins: its version is not replaced."""
+    for name in settings.preload_models:
+        if registry.has(name) and registry.get(name).loaded.finish is not None:
+            threading.Thread(target=_finish, args=(name, settings), name=f"snapshot-{name}", daemon=True).start()
+
+
+def _finish(name: str, settings: Settings) -> None:
+    started = registry.get(name)
+    start = time.perf_counter()
+    try:
+        with LOAD_LOCK:
+            started.loaded.finish()
+        classifier = load_classifier(name, settings)
+    except Exception as exc:  # noqa: BLE001 - it keeps serving from the checkpoint
+        log.error("%s: the snapshot could not be built; serving from the checkpoint: %s", name, first_line(exc))
+        return
+    if registry.get(name) is started:
+        registry.swap(name, classifier)
+        log.info("%s now serves from its snapshot, built in %.1fs", name, time.perf_counter() - start)
 
 
 # --- a prefork child ------------------------------------------------------------------------------------

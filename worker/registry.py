@@ -7,6 +7,7 @@ module is cheap (no torch), so the task module and Flower can import it too.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import TYPE_CHECKING
 
@@ -22,6 +23,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+LOAD_LOCK = threading.Lock()
+"""One model load or snapshot build at a time per process: transformers builds models under
+process-wide patches (meta-device init, weight tying), and two loads in two threads break each
+other (a tied ``lm_head`` found missing). Serving goes on meanwhile."""
+
 
 class ModelRegistry:
     def __init__(self) -> None:
@@ -29,9 +35,10 @@ class ModelRegistry:
         self._batchers: dict[str, Batcher] = {}
 
     def preload(self, settings: Settings) -> None:
-        """Load every model in ``PRELOAD_MODELS`` completely, or raise ``ModelLoadError``."""
+        """Load every model in ``PRELOAD_MODELS`` completely, or raise ``ModelLoadError``. A model
+        whose snapshot is not built yet serves from the checkpoint: see :func:`worker.lifecycle.finish`."""
         for name in settings.preload_models:
-            self.swap(name, load_classifier(name, settings))
+            self.swap(name, load_classifier(name, settings, first_start=True))
 
     def swap(self, name: str, classifier: SpamClassifier) -> None:
         """Serve ``name`` with ``classifier`` from the next task (or batched forward pass) on; a call
@@ -70,12 +77,15 @@ class ModelRegistry:
             raise ModelUnavailable(f"model {name!r} is not loaded in this worker (loaded: {loaded})") from None
 
 
-def load_classifier(name: str, settings: Settings) -> SpamClassifier:
-    """``name`` loaded completely, as ``settings`` say, and warmed up; or ``ModelLoadError``."""
+def load_classifier(name: str, settings: Settings, first_start: bool = False) -> SpamClassifier:
+    """``name`` loaded completely, as ``settings`` say, and warmed up; or ``ModelLoadError``.
+    ``first_start``: serve before the snapshot is built, if this process would be the one to build it."""
     from worker.classifiers import SpamClassifier
     from worker.loading import get_loader
 
-    loaded = get_loader(settings).load_model(settings.source(name))
+    options = {"serve_before_build": True} if first_start and settings.model_loader == "snapshot" else {}
+    with LOAD_LOCK:
+        loaded = get_loader(settings, **options).load_model(settings.source(name))
     max_tokens = settings.exaone_max_tokens if name == "exaone" else None
     try:
         classifier = SpamClassifier(loaded, settings.batch_size, max_tokens)

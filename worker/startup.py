@@ -88,6 +88,7 @@ def install(app, settings: Settings) -> None:
                 if worker.concurrency > 1:  # threads: concurrent tasks share forward passes
                     registry.enable_batching(settings.batch_wait_ms / 1000)
                 stats.process_stats.attach(_Shared.stats_folder, "main")
+                lifecycle.finish(settings)
 
         def start(self, worker):
             if settings.metrics_port:
@@ -125,6 +126,7 @@ def install(app, settings: Settings) -> None:
             registry.preload(current)
             stats.process_stats.attach(_Shared.stats_folder, f"child{current_process().index}")
             lifecycle.watch(current)
+            lifecycle.finish(current)
             with _Shared.loaded.get_lock():
                 _Shared.loaded.value += 1
         except Exception as exc:  # noqa: BLE001 - every cause must stop the worker, not a swallowed log

@@ -77,6 +77,40 @@ def test_changed_inputs_build_a_new_snapshot(models, tmp_path):
     assert len(snapshot_folders(settings, base=True)) == 2  # float32 and bfloat16
 
 
+_WAIT_FOR_BUILD = """
+import json, sys
+from pathlib import Path
+from worker.loading import get_loader
+from worker.settings import ModelSource, Settings
+settings = Settings.from_env({"DEVICE": "cpu", "TORCH_DTYPE": "float32", "SNAPSHOT_DIR": sys.argv[1]}, dotenv=False)
+print("loading", flush=True)
+loaded = get_loader(settings, serve_before_build=True).load_model(ModelSource("exaone", sys.argv[2], Path(sys.argv[3])))
+print(json.dumps([loaded.source, loaded.finish is None]), flush=True)
+"""
+
+
+def test_a_first_start_serves_from_the_checkpoint_and_builds_after(models, tmp_path):
+    """The process that would build serves at once from the checkpoint; a process starting meanwhile
+    waits for that one build and loads the snapshot."""
+    settings = settings_for(tmp_path)
+    source = ModelSource("exaone", str(models.exaone), models.exaone_adapter)
+    first = get_loader(settings, serve_before_build=True).load_model(source)
+    assert first.source == "checkpoint" and first.finish is not None
+    assert snapshot_folders(settings) == []
+    other = subprocess.Popen([sys.executable, "-c", _WAIT_FOR_BUILD, str(settings.snapshot_path), str(models.exaone),
+                              str(models.exaone_adapter)], stdout=subprocess.PIPE, text=True,
+                             cwd=Path(__file__).parents[2])
+    assert other.stdout.readline().strip() == "loading"
+    time.sleep(3)
+    assert other.poll() is None, "it waits for the build this process holds"
+    served = scores(first)
+    first.finish()
+    assert json.loads(other.communicate(timeout=120)[0].splitlines()[-1]) == ["snapshot", True]
+    again = get_loader(settings, serve_before_build=True).load_model(source)
+    assert again.source == "snapshot" and again.finish is None
+    assert scores(again) == pytest.approx(served, abs=1e-5)  # merged weights == the adapter applied at run time
+
+
 def test_a_new_adapter_merges_into_the_converted_base_without_reading_the_checkpoint(models, tmp_path,
                                                                                      monkeypatch):
     from worker.loading import snapshot_loader

@@ -13,11 +13,13 @@ LOADERS: dict[str, type[BaseLoader]] = {
 }
 
 
-def get_loader(settings: Settings) -> BaseLoader:
+def get_loader(settings: Settings, **options: object) -> BaseLoader:
+    """The ``MODEL_LOADER`` strategy; ``options`` are its own (a strategy refuses those it lacks)."""
     try:
-        return LOADERS[settings.model_loader](settings)
+        cls = LOADERS[settings.model_loader]
     except KeyError:
         raise ValueError(f"MODEL_LOADER {settings.model_loader!r} is not one of {', '.join(LOADERS)}") from None
+    return cls(settings, **options)
 
 
 __all__ = ["LOADERS", "BaseLoader", "LoadedModel", "get_loader"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +43,9 @@ class LoadedModel:
     """``checkpoint`` (the published files, converted on load) or a strategy's own cache."""
     bytes_read: int = 0
     """Size of the weight files this load had to read (base checkpoint and adapter)."""
+    finish: Callable[[], None] | None = None
+    """Work this load deferred so the model could serve sooner (building its snapshot); run it, then
+    load again to serve from what it prepared."""
     version: str = ""
     """``model_version`` (:mod:`worker.versions`): the same files give the same id everywhere."""
 
@@ -73,6 +76,7 @@ class LoadedWeights:
     model: torch.nn.Module
     source: str
     files: list[Path]
+    finish: Callable[[], None] | None = None
 
 
 class BaseLoader(ABC):
@@ -83,7 +87,7 @@ class BaseLoader(ABC):
 
     def load_model(self, source: ModelSource) -> LoadedModel:
         timer = StageTimer()
-        try:
+        with _load_errors(source.name):
             with timer.stage("resolve"):
                 plan = planning.resolve(source, self.settings)
                 placement = Placement.for_model(source.name, self.settings)
@@ -92,23 +96,31 @@ class BaseLoader(ABC):
                 version = model_version(plan, planning.weight_files(plan.model_id, self.settings.use_safetensors))
             with timer.stage("tokenizer"):
                 tokenizer = planning.load_tokenizer(plan)
-        except ModelLoadError:
-            raise
-        except torch.cuda.OutOfMemoryError as exc:
-            raise ModelLoadError(source.name, f"out of GPU memory: {first_line(exc)}") from exc
-        except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as exc:
-            raise ModelLoadError(source.name, f"{type(exc).__name__}: {first_line(exc)}") from exc
         weights.model.eval()
         stages = ", ".join(f"{k} {v:.2f}s" for k, v in timer.seconds.items())
         log.info("loaded %s version %s from %s (%s) in %.2fs (%s)", source.name, version, _where(source.model),
                  weights.source, sum(timer.seconds.values()), stages)
         return LoadedModel(source.name, weights.model, tokenizer, plan, placement, timer.seconds,
                            source=weights.source, bytes_read=sum(f.stat().st_size for f in weights.files),
-                           version=version)
+                           finish=weights.finish, version=version)
 
     @abstractmethod
     def load_weights(self, plan: planning.LoadPlan, placement: Placement, timer: StageTimer) -> LoadedWeights:
         """Materialise the adapted model, every weight from the checkpoint, adapter or a prepared copy."""
+
+    def prepare(self, source: ModelSource) -> str:
+        """Make what a later ``load_model`` of ``source`` needs (a strategy's files) and check what can
+        be checked without materialising it: the plan, the adapter, the tokenizer and prompt labels.
+        Returns the ``model_version`` the load will have; raises :class:`ModelLoadError`."""
+        with _load_errors(source.name):
+            plan = planning.resolve(source, self.settings)
+            if plan.prompt is not None:
+                plan.prompt.label_ids(planning.load_tokenizer(plan))
+            self.prepare_weights(plan, Placement.for_model(source.name, self.settings))
+            return model_version(plan, planning.weight_files(plan.model_id, self.settings.use_safetensors))
+
+    def prepare_weights(self, plan: planning.LoadPlan, placement: Placement) -> None:  # noqa: B027 - a hook
+        """Write whatever ``load_weights`` will read (nothing for the reference path)."""
 
 
 def load_adapted(plan: planning.LoadPlan, placement: Placement, settings: Settings,
@@ -159,6 +171,19 @@ def _check_complete(plan: planning.LoadPlan, missing: set[str]) -> None:
         raise ModelLoadError(
             plan.name, f"{len(left)} weights missing from {plan.model_id!r} would be left random (first: {left[0]})"
         )
+
+
+@contextmanager
+def _load_errors(name: str) -> Iterator[None]:
+    """Every failure to load ``name`` as one :class:`ModelLoadError` line."""
+    try:
+        yield
+    except ModelLoadError:
+        raise
+    except torch.cuda.OutOfMemoryError as exc:
+        raise ModelLoadError(name, f"out of GPU memory: {first_line(exc)}") from exc
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as exc:
+        raise ModelLoadError(name, f"{type(exc).__name__}: {first_line(exc)}") from exc
 
 
 def _where(model: str) -> str:

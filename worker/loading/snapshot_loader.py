@@ -26,6 +26,7 @@ import os
 import re
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 
@@ -38,6 +39,7 @@ from worker.loading.adapters import attach_adapter
 from worker.loading.base import BaseLoader, LoadedWeights, StageTimer, checkpoint_files, load_adapted, load_base
 from worker.loading.devices import Placement
 from worker.loading.plan import LoadPlan
+from worker.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +48,19 @@ MANIFEST = "snapshot.json"
 
 
 class SnapshotLoader(BaseLoader):
-    def load_weights(self, plan: LoadPlan, placement: Placement, timer: StageTimer) -> LoadedWeights:
-        inputs = checkpoint_files(plan, self.settings)
-        if not inputs and not Path(plan.model_id).is_dir():
-            with timer.stage("download"):
-                from huggingface_hub import snapshot_download
+    def __init__(self, settings: Settings, serve_before_build: bool = False) -> None:
+        """``serve_before_build``: when no snapshot exists and no other process is building one, load
+        the checkpoint the reference way and leave the build to ``LoadedModel.finish`` (a worker's
+        first start then serves as soon as the reference path would, and builds in the background)."""
+        super().__init__(settings)
+        self.serve_before_build = serve_before_build
 
-                snapshot_download(plan.model_id)
-            inputs = checkpoint_files(plan, self.settings)
+    def load_weights(self, plan: LoadPlan, placement: Placement, timer: StageTimer) -> LoadedWeights:
+        inputs = self._inputs(plan, timer)
+        if self.serve_before_build and placement.quantization is None:
+            deferred = self._serve_before_build(plan, placement, inputs, timer)
+            if deferred is not None:
+                return deferred
         start = time.perf_counter()
         folder, built = self.ensure_snapshot(plan, placement, inputs)
         if built:
@@ -76,9 +83,56 @@ class SnapshotLoader(BaseLoader):
             files = inputs + files
         return LoadedWeights(model, source, files)
 
+    def prepare_weights(self, plan: LoadPlan, placement: Placement) -> None:
+        self.ensure_snapshot(plan, placement, self._inputs(plan))
+
+    def _inputs(self, plan: LoadPlan, timer: StageTimer | None = None) -> list[Path]:
+        """The checkpoint and adapter files, downloaded first when the model is a Hub id not cached."""
+        inputs = checkpoint_files(plan, self.settings)
+        if not inputs and not Path(plan.model_id).is_dir():
+            from huggingface_hub import snapshot_download
+
+            with timer.stage("download") if timer else nullcontext():
+                snapshot_download(plan.model_id)
+            inputs = checkpoint_files(plan, self.settings)
+        return inputs
+
+    def _serve_before_build(self, plan: LoadPlan, placement: Placement, inputs: list[Path],
+                            timer: StageTimer) -> LoadedWeights | None:
+        """The reference path's model, and the snapshot build as ``finish``; None when the snapshot
+        exists or another process is building it (then the normal path uses or waits for it). The
+        build lock is held until ``finish`` has run, so other processes wait for this build."""
+        folder = self._folder(plan, placement, inputs)
+        if is_valid(folder):
+            return None
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        lock = _build_lock(folder, timeout=0, thread_local=False)  # released by the thread that builds
+        try:
+            lock.acquire()
+        except Timeout:
+            return None
+        try:
+            model = load_adapted(plan, placement, self.settings, timer)
+        except BaseException:
+            lock.release()
+            raise
+
+        def finish() -> None:
+            try:
+                if not is_valid(folder):
+                    self._build(plan, placement, inputs, folder)
+            finally:
+                lock.release()
+            prune(self.settings.snapshot_path, plan.name, self.settings.snapshot_keep)
+
+        return LoadedWeights(model, "checkpoint", inputs, finish=finish)
+
+    def _folder(self, plan: LoadPlan, placement: Placement, inputs: list[Path]) -> Path:
+        return self.settings.snapshot_path / f"{plan.name}-{fingerprint(plan, placement, inputs)}"
+
     def ensure_snapshot(self, plan: LoadPlan, placement: Placement, inputs: list[Path]) -> tuple[Path, bool]:
         """The snapshot's folder, built first if missing or damaged (and whether this call built it)."""
-        folder = self.settings.snapshot_path / f"{plan.name}-{fingerprint(plan, placement, inputs)}"
+        folder = self._folder(plan, placement, inputs)
         if is_valid(folder):
             _mark_used(folder)
             return folder, False
@@ -87,17 +141,22 @@ class SnapshotLoader(BaseLoader):
             if is_valid(folder):  # another process built it while we waited
                 _mark_used(folder)
                 return folder, False
-            if placement.quantization is None and plan.adapter is not None:
-                base = self.ensure_base(plan, placement, inputs)
-                self.build(folder, None, lambda: _merged(plan, placement, base))
-            elif placement.quantization is None:
-                self.build(folder, None, lambda: load_adapted(plan, placement, self.settings, StageTimer()))
-            else:  # quantize the merged snapshot, so merging never meets quantized layers
-                merged, _ = self.ensure_snapshot(plan, replace(placement, quantization=None), inputs)
-                kwargs = placement.from_pretrained_kwargs()
-                self.build(folder, placement.quantization, lambda: plan.model_class.from_pretrained(merged, **kwargs))
+            self._build(plan, placement, inputs, folder)
         prune(self.settings.snapshot_path, plan.name, self.settings.snapshot_keep)
         return folder, True
+
+    def _build(self, plan: LoadPlan, placement: Placement, inputs: list[Path], folder: Path) -> None:
+        """Build ``folder`` (the caller holds its lock): the adapter merged into the converted base,
+        the reference path's model when there is no adapter, or the merged snapshot quantized."""
+        if placement.quantization is None and plan.adapter is not None:
+            base = self.ensure_base(plan, placement, inputs)
+            self.build(folder, None, lambda: _merged(plan, placement, base))
+        elif placement.quantization is None:
+            self.build(folder, None, lambda: load_adapted(plan, placement, self.settings, StageTimer()))
+        else:  # quantize the merged snapshot, so merging never meets quantized layers
+            merged, _ = self.ensure_snapshot(plan, replace(placement, quantization=None), inputs)
+            kwargs = placement.from_pretrained_kwargs()
+            self.build(folder, placement.quantization, lambda: plan.model_class.from_pretrained(merged, **kwargs))
 
     def ensure_base(self, plan: LoadPlan, placement: Placement, inputs: list[Path]) -> Path:
         """The base checkpoint converted to the target dtype, without any adapter: built once, so a
@@ -211,9 +270,9 @@ def prune(root: Path, name: str, keep: int) -> list[Path]:
     return removed
 
 
-def _build_lock(folder: Path, timeout: float = -1) -> FileLock:
+def _build_lock(folder: Path, timeout: float = -1, thread_local: bool = True) -> FileLock:
     """The lock held while ``folder`` is built (or deleted), beside it so it outlives the folder."""
-    return FileLock(str(folder) + ".lock", timeout=timeout)
+    return FileLock(str(folder) + ".lock", timeout=timeout, thread_local=thread_local)
 
 
 def _mark_used(folder: Path) -> None:
