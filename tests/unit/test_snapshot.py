@@ -111,6 +111,33 @@ def test_a_first_start_serves_from_the_checkpoint_and_builds_after(models, tmp_p
     assert scores(again) == pytest.approx(served, abs=1e-5)  # merged weights == the adapter applied at run time
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("which", ["exaone", "koelectra"])
+def test_the_fused_merge_equals_peft_merge_and_unload(models, which, dtype):
+    """One addmm_ per LoRA layer in the weight's dtype, against PEFT's float32 delta then add; the
+    SEQ_CLS classifier (modules_to_save) comes out the same way."""
+    from worker.loading import plan as planning
+    from worker.loading.adapters import attach_adapter, merge_and_unload
+    from worker.loading.base import load_base
+    from worker.loading.devices import Placement
+
+    base, adapter = (models.exaone, models.exaone_adapter) if which == "exaone" else \
+        (models.koelectra, models.koelectra_adapter)
+    settings = Settings.from_env({"DEVICE": "cpu", "TORCH_DTYPE": str(dtype).removeprefix("torch.")}, dotenv=False)
+    plan = planning.resolve(ModelSource(which, str(base), adapter), settings)
+    placement = Placement.for_model(which, settings)
+    unmerged = load_base(plan, base, placement).state_dict()
+    ours = merge_and_unload(attach_adapter(which, load_base(plan, base, placement), plan.adapter)).state_dict()
+    theirs = attach_adapter(which, load_base(plan, base, placement), plan.adapter).merge_and_unload().state_dict()
+    assert ours.keys() == theirs.keys() == unmerged.keys()
+    tolerance = 1e-6 if dtype == torch.float32 else 2e-2  # bf16 keeps 8 bits: one rounding against two
+    for key, value in theirs.items():
+        assert ours[key].dtype == value.dtype
+        torch.testing.assert_close(ours[key].float(), value.float(), atol=tolerance, rtol=tolerance)
+    adapted = [k for k in ours if k.endswith(("q_proj.weight", "query.weight"))]
+    assert adapted and all(not torch.equal(ours[k], unmerged[k]) for k in adapted), "the adapter was merged"
+
+
 def test_a_new_adapter_merges_into_the_converted_base_without_reading_the_checkpoint(models, tmp_path,
                                                                                      monkeypatch):
     from worker.loading import snapshot_loader

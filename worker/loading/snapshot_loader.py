@@ -35,7 +35,7 @@ from safetensors import SafetensorError, safe_open
 
 from worker import prefetch
 from worker.errors import ModelLoadError
-from worker.loading.adapters import attach_adapter
+from worker.loading.adapters import attach_adapter, merge_and_unload
 from worker.loading.base import BaseLoader, LoadedWeights, StageTimer, checkpoint_files, load_adapted, load_base
 from worker.loading.devices import Placement
 from worker.loading.plan import LoadPlan
@@ -193,8 +193,7 @@ class SnapshotLoader(BaseLoader):
 
 def _merged(plan: LoadPlan, placement: Placement, base: Path):
     """The base snapshot with the verified adapter merged into its weights."""
-    model = attach_adapter(plan.name, load_base(plan, base, placement), plan.adapter)
-    return model.merge_and_unload()
+    return merge_and_unload(attach_adapter(plan.name, load_base(plan, base, placement), plan.adapter))
 
 
 def is_valid(folder: Path) -> bool:
