@@ -115,7 +115,8 @@ def load_adapted(plan: planning.LoadPlan, placement: Placement, settings: Settin
     with timer.stage("materialise"):
         model, info = plan.model_class.from_pretrained(
             plan.model_id, config=plan.config, use_safetensors=settings.use_safetensors or None,
-            trust_remote_code=plan.trust_remote_code, output_loading_info=True, **placement.from_pretrained_kwargs(),
+            trust_remote_code=plan.trust_remote_code, output_loading_info=True,
+            **placement.from_pretrained_kwargs(plan=plan),
         )
     if info["mismatched_keys"]:
         first = sorted(info["mismatched_keys"])[0]

@@ -29,6 +29,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import torch
 from filelock import FileLock, Timeout
 from safetensors import SafetensorError, safe_open
 
@@ -65,7 +66,7 @@ class SnapshotLoader(BaseLoader):
         reader = prefetch.read_in_background(files)
         with timer.stage("materialise"):
             model, info = plan.model_class.from_pretrained(
-                folder, output_loading_info=True, **placement.from_pretrained_kwargs(quantize=False),
+                folder, output_loading_info=True, **placement.from_pretrained_kwargs(quantize=False, plan=plan),
             )
         with timer.stage("read"):
             reader.join()
@@ -88,10 +89,14 @@ class SnapshotLoader(BaseLoader):
                 _mark_used(folder)
                 return folder, False
             if placement.quantization is None:
-                self.build(folder, None, lambda: _merged(plan, placement, self.settings))
+                # Under a memory cap, merge on CPU: layers spilled to CPU memory live behind
+                # accelerate's hooks, where merging and saving would not see them.
+                where = replace(placement, device=torch.device("cpu"), max_memory_gb=None) \
+                    if placement.max_memory_gb is not None else placement
+                self.build(folder, None, lambda: _merged(plan, where, self.settings))
             else:  # quantize the merged snapshot, so merging never meets quantized layers
                 merged, _ = self.ensure_snapshot(plan, replace(placement, quantization=None), inputs)
-                kwargs = placement.from_pretrained_kwargs()
+                kwargs = placement.from_pretrained_kwargs(plan=plan)
                 self.build(folder, placement.quantization, lambda: plan.model_class.from_pretrained(merged, **kwargs))
         prune(self.settings.snapshot_path, plan.name, self.settings.snapshot_keep)
         return folder, True
@@ -106,6 +111,8 @@ class SnapshotLoader(BaseLoader):
             model.save_pretrained(tmp, safe_serialization=True, max_shard_size="1000GB")
             del model
             gc.collect()
+            if torch.cuda.is_initialized():
+                torch.cuda.empty_cache()  # else the build's blocks stay reserved for the life of the process
             files = {f.name: f.stat().st_size for f in tmp.glob("*.safetensors")}
             (tmp / MANIFEST).write_text(json.dumps({"format": FORMAT, "files": files, "quantization": quantization},
                                                    indent=1))
