@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Everything the CUDA path needs proved, unattended, in at most ~8 minutes on one H100/H200 from a
-# fresh checkout (docs/gpu.md). Each step has its own time limit, so one that hangs cannot eat the
-# others'. Steps:
+# Everything the CUDA path needs proved, unattended, in at most 8 minutes on one H100/H200 from a
+# fresh checkout (docs/gpu.md). Each step has its own time limit (they sum to 480 s), so one that
+# hangs cannot eat the others'. Steps:
 #   1. bootstrap (it must end with a CUDA build of torch on this host) and what torch sees;
 #   2. the CUDA tests: bf16 and KoELECTRA on CUDA, bitsandbytes 4/8-bit, a quantized snapshot written
 #      and loaded on CUDA, MAX_MEMORY_GB that fits / spills to CPU memory / refuses, cuda:N out of
@@ -17,7 +17,6 @@ cd "$(dirname "$0")/.." || exit 1
 stamp=$(date -u +%Y-%m-%d-%H%M)
 log="docs/gpu-check-$stamp.txt"
 mkdir -p docs .cache
-exec > >(tee "$log") 2>&1
 export PYTHONUNBUFFERED=1 PYTORCH_NVML_BASED_CUDA_CHECK=1 HF_HUB_OFFLINE=1
 
 summary=()
@@ -38,20 +37,24 @@ step() {  # step NAME LIMIT_S COMMAND...: run it under a time limit, remember it
   summary+=("$(printf '%-34s %-12s %5ss  %s' "$name" "$status" "$(( $(date +%s) - start ))" "$last")")
 }
 
+main() {
 echo "gpu_check $stamp on $(hostname), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
-step "bootstrap (CUDA build of torch)" 150 scripts/bootstrap
-step "what torch sees" 60 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv &&
+step "bootstrap (CUDA build of torch)" 90 scripts/bootstrap
+step "what torch sees" 30 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv &&
   .venv/bin/python -c "import torch; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda,
   [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())])"'
 step "CUDA tests + CUDA workers via Redis" 150 .venv/bin/python -m pytest -q -rs -p no:cacheprovider \
   tests/gpu tests/unit/test_devices.py tests/unit/test_fork_safety.py tests/unit/test_oom_retry.py \
   "tests/unit/test_snapshot.py::test_quantized_snapshot_holds_the_quantized_weights" "$@"
-step "bench/load.py --device cuda" 120 .venv/bin/python bench/load.py --device cuda --children 1 --only exaone
-step "bench/throughput.py cuda exaone a,b,d" 130 .venv/bin/python bench/throughput.py --device cuda --model exaone \
-  --modes ab --messages 2000
+step "bench/load.py --device cuda" 100 .venv/bin/python bench/load.py --device cuda --children 1 --only exaone
+step "bench/throughput.py cuda exaone a,b,d" 110 .venv/bin/python bench/throughput.py --device cuda --model exaone \
+  --modes ab --messages 1000
 
 echo
 echo "=== summary ($log)"
 printf '%-34s %-12s %6s  %s\n' "step" "status" "time" "last figure"
 printf '%s\n' "${summary[@]}"
+}
+
+main "$@" 2>&1 | tee "$log"
 if [ -n "${OUT:-}" ] && [ -d "$OUT" ]; then cp "$log" "$OUT/"; fi
