@@ -117,6 +117,15 @@ def test_quantized_sizes_are_smaller_than_the_dtypes(exaone_plan):
         plan_device_map(exaone_plan, torch.bfloat16, "8bit", 0, 100).total
 
 
+def test_sizes_follow_the_dtype_for_both_heads(models):
+    settings = Settings.from_env({}, dotenv=False)
+    for adapter in (models.exaone_adapter, models.exaone_cls_adapter):  # causal LM, Llama sequence head
+        plan = planning.resolve(ModelSource("exaone", str(models.exaone), adapter), settings)
+        fp32 = plan_device_map(plan, torch.float32, None, 0, 100).total
+        # (the rotary buffer stays float32 in both)
+        assert plan_device_map(plan, torch.bfloat16, None, 0, 100).total * 2 == pytest.approx(fp32, rel=0.01)
+
+
 def test_capped_cuda_placement_hands_the_computed_map_to_from_pretrained(exaone_plan, fake_gpus):
     fake_gpus(1)
     placement = Placement(torch.device("cuda", 0), torch.bfloat16, None, 100.0)

@@ -12,6 +12,7 @@ spilled layers in.
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections import Counter
 from dataclasses import dataclass
@@ -65,9 +66,10 @@ def plan_device_map(plan: LoadPlan, dtype: torch.dtype, quantization: str | None
     from accelerate import init_empty_weights
     from transformers.integrations.accelerate import compute_module_sizes, infer_auto_device_map
 
-    with init_empty_weights():
-        model = plan.model_class.from_config(plan.config, dtype=dtype) if hasattr(plan.model_class, "from_config") \
-            else plan.model_class(plan.config)
+    config = copy.deepcopy(plan.config)  # building a model may set attributes on its config
+    with init_empty_weights():  # an Auto class has from_config; a concrete one (Llama's head) _from_config
+        build = getattr(plan.model_class, "from_config", None) or plan.model_class._from_config
+        model = build(config, dtype=dtype)
     sizes_by = _QuantizedSizes({"4bit": 0.5, "8bit": 1.0}[quantization]) if quantization else None
     no_split = model._no_split_modules
     cpu_room = sum(p.numel() * 4 for p in model.parameters()) + _GB  # enough for all of it: never "disk"
