@@ -51,9 +51,25 @@ def test_quantized_cpu_placement_passes_an_explicit_cpu_map_the_quantizer_keeps(
     assert quantizer.update_device_map(None) == {"": 0}, "without the map the weights would go to the GPU"
 
 
-def test_unquantized_cpu_placement_leaves_the_mapped_load_alone():
+def test_every_cpu_placement_names_the_cpu():
     kwargs = Placement(torch.device("cpu"), torch.float32, None, None).from_pretrained_kwargs()
-    assert kwargs == {"dtype": torch.float32}
+    assert kwargs == {"dtype": torch.float32, "device_map": {"": "cpu"}}
+
+
+def test_a_snapshot_loaded_with_the_cpu_map_stays_memory_mapped(models, tmp_path):
+    """The prefork children share one copy of the weights only while they are the file's pages."""
+    from worker.loading import get_loader
+
+    settings = replace(Settings.from_env({"DEVICE": "cpu", "TORCH_DTYPE": "float32"}, dotenv=False),
+                       snapshot_dir=str(tmp_path))
+    source = ModelSource("koelectra", str(models.koelectra), models.koelectra_adapter)
+    get_loader(settings).load_model(source)  # builds the snapshot
+    loaded = get_loader(settings).load_model(source)
+    assert loaded.source == "snapshot"
+    mapped = [tuple(int(x, 16) for x in line.split()[0].split("-")) for line in open("/proc/self/maps")
+              if str(tmp_path) in line and ".safetensors" in line]
+    params = list(loaded.model.parameters())
+    assert mapped and all(any(lo <= p.data_ptr() < hi for lo, hi in mapped) for p in params)
 
 
 # --- 2: MAX_MEMORY_GB never offloads to disk, applies to EXAONE only -------------------------------

@@ -53,9 +53,10 @@ class Placement:
                 kwargs["device_map"] = capped_device_map(plan, self, index)
             else:
                 kwargs["device_map"] = {"": index}
-        elif self.quantization is not None:
-            # bitsandbytes' quantizers turn a missing device_map into the current CUDA device: on a
-            # host with a GPU a "CPU" quantized load (or a quantized snapshot) would land on the GPU.
+        else:
+            # Named, never left out: bitsandbytes' quantizers turn a missing device_map into the current
+            # CUDA device, so on a host with a GPU a "CPU" quantized load (or quantized snapshot) would
+            # land on the GPU. A snapshot loaded this way stays memory-mapped (shared across children).
             kwargs["device_map"] = {"": "cpu"}
         if self.quantization is not None and quantize:
             from transformers import BitsAndBytesConfig
