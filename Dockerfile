@@ -20,7 +20,9 @@ CMD ["celery", "-A", "worker", "flower", "--port=5555"]
 FROM base AS worker
 ARG TORCH_SPEC=torch==2.13.0
 RUN pip install "${TORCH_SPEC}" && pip install ".[worker]"
-ENV HF_HOME=/cache/huggingface
+# NVML answers torch.cuda.is_available(), so no CUDA context is made before a fork (docs/gpu.md).
+ENV HF_HOME=/cache/huggingface PYTORCH_NVML_BASED_CUDA_CHECK=1
 RUN mkdir -p /cache/huggingface && chown app /cache/huggingface
 USER app
-CMD ["celery", "-A", "worker", "worker", "--loglevel=INFO", "--concurrency=1"]
+# The batching GPU worker: one process, 32 threads sharing forward passes, time limits enforced.
+CMD ["celery", "-A", "worker", "worker", "--loglevel=INFO", "--pool=threads", "--concurrency=32"]

@@ -13,7 +13,15 @@ of messages in flight (a closed loop, so latency means something):
   concurrent tasks of each;
 - ``c``: ``spam.classify_batch`` tasks of ``--chunk`` texts on the prefork worker;
 - ``d``: the ceiling: the same model's batched forward in-process, no queue, the faster of one
-  intra-op thread and one per core (and batch 1 beside it).
+  intra-op thread and one per core (and batch 1 beside it);
+- ``e``: Celery's own cost: mode ``b``'s workers with a scorer that does no model work
+  (``bench/null_model.py``).
+
+From the CPU time per message of ``d`` (the model's forward, the cheaper of its thread settings)
+and of ``e`` (the worker's Celery work, Redis and the producer), the report derives the bound
+those costs allow on this machine's cores, ``cores / (model + celery)`` messages per second,
+and how close ``b`` comes to it. On CPU the model and Celery share the same cores; on a GPU the
+model's part leaves the CPU and the bound is Celery's alone.
 
 Latency is from sending a message to its result arriving (for ``c``, the batch's). Results are
 read the way Celery's ``get`` reads them, from the result backend's pub/sub channel. The producer,
@@ -75,14 +83,17 @@ def ceiling(env: dict[str, str], model: str, texts: list[str], batch: int) -> di
         classifier.score(texts[:batch])
         for label, size, sample in (("batched", batch, texts), ("batch1", 1, texts[: max(len(texts) // 8, 50)])):
             latencies = []
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             for i in range(0, len(sample), size):
                 t = time.perf_counter()
                 classifier.score(sample[i:i + size])
                 latencies.extend([time.perf_counter() - t] * len(sample[i:i + size]))
-            run = {**_figures(len(sample), time.perf_counter() - start, latencies), "threads": threads}
+            run = {**_figures(len(sample), time.perf_counter() - start, latencies), "threads": threads,
+                   "cpu_ms_per_msg": {"model": round((time.process_time() - cpu) * 1000 / len(sample), 2)}}
             if label not in figures or run["msg_s"] > figures[label]["msg_s"]:
                 figures[label] = run
+            if label == "batched":  # the model's least CPU per message, for the bound
+                figures["model_cpu_ms"] = min(figures.get("model_cpu_ms", 1e9), run["cpu_ms_per_msg"]["model"])
     return figures
 
 
@@ -152,7 +163,8 @@ class Collector:
 
 
 def served(env: dict[str, str], pool: str, concurrency: int, redis: RedisProcess, db: int, send_kind: str,
-           texts: list[str], model: str, window: int, chunk: int, logdir: Path, workers: int = 1) -> dict:
+           texts: list[str], model: str, window: int, chunk: int, logdir: Path, workers: int = 1,
+           app_module: str = "worker") -> dict:
     """Start a worker, warm it up, drive ``texts`` through it, stop it; the figures."""
     from celery import Celery
 
@@ -160,8 +172,8 @@ def served(env: dict[str, str], pool: str, concurrency: int, redis: RedisProcess
 
     broker, backend = redis.url(db), redis.url(db + 1)
     worker_env = {**os.environ, **env, "CELERY_BROKER_URL": broker, "CELERY_RESULT_BACKEND": backend}
-    log_file = (logdir / f"worker-{send_kind}-{pool}.log").open("w")
-    procs = [subprocess.Popen([sys.executable, "-m", "celery", "-A", "worker", "worker", f"--pool={pool}",
+    log_file = (logdir / f"worker-{send_kind}-{pool}-{app_module}.log").open("w")
+    procs = [subprocess.Popen([sys.executable, "-m", "celery", "-A", app_module, "worker", f"--pool={pool}",
                                f"--concurrency={concurrency}", "--without-mingle", "--without-gossip", "-l", "WARNING",
                                "-n", f"bench{n}@%h"], cwd=ROOT, env=worker_env, stdout=log_file,
                               stderr=subprocess.STDOUT) for n in range(workers)]
@@ -179,6 +191,7 @@ def served(env: dict[str, str], pool: str, concurrency: int, redis: RedisProcess
         warm.run(send_one, texts[:window * 2], 1)  # waits in the queue until the worker has loaded
         warm.close()
         collector = Collector(backend, window)
+        load_before = round(os.getloadavg()[0], 2)
         cpu_before = {"worker": sum(cpu_seconds(p.pid) for p in procs), "redis": cpu_seconds(redis.process.pid),
                       "producer": time.process_time()}
         if send_kind == "single":
@@ -193,6 +206,8 @@ def served(env: dict[str, str], pool: str, concurrency: int, redis: RedisProcess
         figures = _figures(len(texts), seconds, collector.latencies)
         # Where the cores went, per message: the worker (model and Celery), Redis, this producer.
         figures["cpu_ms_per_msg"] = {k: round((cpu[k] - cpu_before[k]) * 1000 / len(texts), 2) for k in cpu}
+        # The machine is shared: what else ran shows in the load average (ours adds about 2 here).
+        figures["load_before"], figures["load_after"] = load_before, round(os.getloadavg()[0], 2)
         return figures
     finally:
         for proc in procs:
@@ -233,8 +248,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=32, help="threads-pool concurrency in mode b")
     parser.add_argument("--b-workers", type=int, default=0,
                         help="threads-pool worker processes in mode b (default: one per core on CPU, one on CUDA)")
-    parser.add_argument("--modes", default="abc", help="which of the served modes a, b, c to run (d always runs)")
+    parser.add_argument("--modes", default="abce", help="which of the served modes a, b, c, e to run (d always runs)")
     parser.add_argument("--worker-env", default="", help="extra worker settings, e.g. TORCH_THREADS=1,BATCH_WAIT_MS=5")
+    parser.add_argument("--no-ceiling", action="store_true",
+                        help="skip d (and the bound): a quicker A/B of the served modes' CPU per message")
     parser.add_argument("--ceiling", help=argparse.SUPPRESS)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -265,13 +282,15 @@ def main() -> None:
     prefork = 1 if args.device == "cuda" else cores  # one GPU: one process owns it
     args.b_workers = args.b_workers or prefork  # as many serving processes as mode a and c have
 
-    log.info("d: in-process ceiling")
-    out = subprocess.run([sys.executable, __file__, "--ceiling", json.dumps(env), "--model", args.model,
-                          "--messages", str(args.messages), "--batch", str(args.batch)],
-                         capture_output=True, text=True, cwd=ROOT, check=False)
-    if out.returncode:
-        raise SystemExit(out.stderr[-3000:])
-    results = json.loads(out.stdout.strip().splitlines()[-1])
+    results: dict = {}
+    if not args.no_ceiling:
+        log.info("d: in-process ceiling")
+        out = subprocess.run([sys.executable, __file__, "--ceiling", json.dumps(env), "--model", args.model,
+                              "--messages", str(args.messages), "--batch", str(args.batch)],
+                             capture_output=True, text=True, cwd=ROOT, check=False)
+        if out.returncode:
+            raise SystemExit(out.stderr[-3000:])
+        results = json.loads(out.stdout.strip().splitlines()[-1])
     redis = RedisProcess(args.workdir / "redis").start()
     try:
         if "a" in args.modes:
@@ -286,30 +305,69 @@ def main() -> None:
             log.info("c: batch tasks of %d (prefork, %d processes)", args.chunk, prefork)
             results["c"] = served(env, "prefork", prefork, redis, 4, "batch", texts, args.model, 2 * prefork,
                                   args.chunk, args.workdir)
+        if "e" in args.modes:
+            log.info("e: Celery's own cost (mode b's workers, a scorer that does no model work)")
+            results["e"] = served(env, "threads", args.threads, redis, 6, "single", texts, args.model,
+                                  2 * args.threads * args.b_workers, args.chunk, args.workdir, args.b_workers,
+                                  app_module="bench.null_model")
     finally:
         redis.stop()
     report(results, args)
 
 
 def report(results: dict, args: argparse.Namespace) -> None:
-    ceiling_rate = results["batched"]["msg_s"]
+    ceiling_rate = results["batched"]["msg_s"] if "batched" in results else float("nan")
     rows = [(label, results[key]) for key, label in (
         ("a", "a  classify, one forward per task"), ("b", "b  classify, dynamic batching"),
-        ("c", "c  classify_batch tasks"),
-        ("batched", f"d  in-process, batch {args.batch}, {results['batched']['threads']} thread(s) (ceiling)"),
-        ("batch1", f"   in-process, batch 1, {results['batch1']['threads']} thread(s)")) if key in results]
-    print(f"\n{args.model}, {args.device}, {args.messages} messages of {results['tokens_mean']} tokens on average, "
-          f"{os.cpu_count()} cores")
+        ("c", "c  classify_batch tasks"), ("e", "e  b's workers, no model work (Celery's cost)"),
+        ("batched", f"d  in-process, batch {args.batch}, {results.get('batched', {}).get('threads')} thread(s) "
+                    "(ceiling)"),
+        ("batch1", f"   in-process, batch 1, {results.get('batch1', {}).get('threads')} thread(s)")) if key in results]
+    print(f"\n{args.model}, {args.device}, {args.messages} messages of {results.get('tokens_mean', '?')} tokens on "
+          f"average, {os.cpu_count()} cores")
     print(f"{'mode':<48}{'msg/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'of d':>7}   CPU ms/msg: worker redis producer")
     for label, fig in rows:
-        cpu = fig.get("cpu_ms_per_msg")
+        cpu = fig.get("cpu_ms_per_msg") or {}
+        cells = f"   {cpu['worker']:>6} {cpu['redis']:>5} {cpu['producer']:>8}" if "worker" in cpu else \
+            f"   model {cpu['model']}" if cpu else ""
         print(f"{label:<48}{fig['msg_s']:>9.1f}{fig['p50_ms']:>9.1f}{fig['p99_ms']:>9.1f}"
-              f"{fig['msg_s'] / ceiling_rate:>7.0%}" + (f"   {cpu['worker']:>6} {cpu['redis']:>5} {cpu['producer']:>8}"
-                                                       if cpu else ""))
+              f"{fig['msg_s'] / ceiling_rate:>7.0%}" + cells)
     if "a" in results and "b" in results:
         print(f"b/a = {results['b']['msg_s'] / results['a']['msg_s']:.2f}x")
-    print(f"ceiling batched/batch-1 = {ceiling_rate / results['batch1']['msg_s']:.2f}x")
+    for key in ("a", "b", "c", "e"):
+        if key in results:
+            fig = results[key]
+            used = sum(fig["cpu_ms_per_msg"].values()) * fig["msg_s"] / 1000 / (os.cpu_count() or 1)
+            print(f"{key}: load average {fig['load_before']} -> {fig['load_after']} (1 min); worker + redis + producer "
+                  f"used {used:.0%} of the cores' time, the rest went idle or to other processes")
+    if "e" in results and "batched" in results:
+        bound(results, args)
+    if "batch1" in results:
+        print(f"ceiling batched/batch-1 = {ceiling_rate / results['batch1']['msg_s']:.2f}x")
     print(json.dumps(results))
+
+
+def bound(results: dict, args: argparse.Namespace) -> None:
+    """The throughput the measured CPU costs allow on these cores, and (b) against it."""
+    cores = os.cpu_count() or 1
+    celery_ms = sum(results["e"]["cpu_ms_per_msg"].values())  # worker + redis + producer, no model
+    model_ms = results["model_cpu_ms"] if args.device == "cpu" else 0.0  # on a GPU the forward leaves the CPU
+    limit = cores * 1000 / (model_ms + celery_ms)
+    results["bound"] = {"cores": cores, "model_cpu_ms": model_ms, "celery_cpu_ms": round(celery_ms, 2),
+                        "msg_s": round(limit, 1)}
+    print(f"bound = {cores} cores / ({model_ms:.2f} ms model (d) + {celery_ms:.2f} ms Celery (e: worker "
+          f"{results['e']['cpu_ms_per_msg']['worker']}, redis {results['e']['cpu_ms_per_msg']['redis']}, producer "
+          f"{results['e']['cpu_ms_per_msg']['producer']})) = {limit:.1f} msg/s")
+    if "b" in results:
+        results["bound"]["b_of_bound"] = round(results["b"]["msg_s"] / limit, 3)
+        print(f"b/bound = {results['b']['msg_s'] / limit:.2f} (target >= 0.9); b/d = "
+              f"{results['b']['msg_s'] / results['batched']['msg_s']:.2f}")
+        # On a shared machine b may not get the cores the bound assumes; its CPU per message says
+        # what it would reach with them to itself.
+        b_ms = sum(results["b"]["cpu_ms_per_msg"].values())
+        results["bound"]["b_cpu_of_bound"] = round((model_ms + celery_ms) / b_ms, 3)
+        print(f"b's CPU per message {b_ms:.2f} ms against the bound's {model_ms + celery_ms:.2f} ms: "
+              f"{(model_ms + celery_ms) / b_ms:.2f} of the bound with the cores to itself")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ Where work runs:
 from __future__ import annotations
 
 from celery import Signature, chord
+from celery.exceptions import SoftTimeLimitExceeded
 
 from producer.contract import (
     CLASSIFY,
@@ -35,7 +36,7 @@ from worker.registry import registry
 from worker.score import Score
 from worker.stats import TaskRecord, process_stats
 
-_ERRORS = (InvalidInput, ModelUnavailable, ClassificationFailed)
+_ERRORS = (InvalidInput, ModelUnavailable, ClassificationFailed, SoftTimeLimitExceeded)
 _MAX_FORWARDS = 3  # a task bounced between workers more often than this has nowhere to go
 
 

@@ -6,6 +6,9 @@ texts to the model's batcher and waits; one thread per model takes everything qu
 pass runs, new texts queue up for the next one, so batches grow with the load by themselves. The
 batcher waits up to ``max_wait_s`` for more only while other tasks of this process are still on
 their way to it, so a lone message never waits. Every message stays an ordinary Celery task.
+
+A caller may give a deadline (:mod:`worker.time_limits`): past it, it stops waiting, its texts not
+yet in a pass are dropped, and it raises ``SoftTimeLimitExceeded``; the batcher thread goes on.
 """
 
 from __future__ import annotations
@@ -16,7 +19,10 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Protocol
+
+from celery.exceptions import SoftTimeLimitExceeded
 
 from worker.score import Score
 
@@ -33,28 +39,42 @@ class Batcher:
     """Coalesces concurrent ``score`` calls into batched calls of ``scorer.score`` on one thread."""
 
     def __init__(self, scorer: Scorer, max_batch: int, max_wait_s: float,
-                 in_flight: Callable[[], int] = lambda: 0, on_batch: Callable[[int], None] = lambda n: None) -> None:
+                 in_flight: Callable[[], int] = lambda: 0, on_batch: Callable[[int], None] = lambda n: None,
+                 thread_init: Callable[[], None] = lambda: None) -> None:
         self.scorer = scorer
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self._in_flight = in_flight
         self._on_batch = on_batch
+        self._thread_init = thread_init
         self._queue: queue.SimpleQueue[tuple[str, Future]] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name=f"batcher-{scorer.name}", daemon=True)
         self._thread.start()
 
-    def score(self, texts: Sequence[str]) -> list[Score]:
-        """Scores in input order; blocks until every text was part of some forward pass."""
+    def score(self, texts: Sequence[str], deadline: float | None = None) -> list[Score]:
+        """Scores in input order; blocks until every text was part of some forward pass, or until
+        ``deadline`` (``time.monotonic()``), when it raises ``SoftTimeLimitExceeded``."""
         futures = []
         for text in texts:
             future: Future[Score] = Future()
             self._queue.put((text, future))
             futures.append(future)
-        return [f.result() for f in futures]
+        try:
+            return [f.result(None if deadline is None else max(0.0, deadline - time.monotonic())) for f in futures]
+        except FutureTimeout:
+            dropped = sum(f.cancel() for f in futures)
+            raise SoftTimeLimitExceeded(
+                f"the task ran past its time limit (TASK_TIME_LIMIT_S) waiting for {self.scorer.name} to score "
+                f"{len(texts)} text(s); {dropped} not yet started were dropped and this worker goes on serving"
+            ) from None
 
     def _run(self) -> None:
+        self._thread_init()
         while True:
-            batch = self._collect()
+            # A text whose task gave up (its deadline passed) is cancelled: skip it.
+            batch = [(text, future) for text, future in self._collect() if future.set_running_or_notify_cancel()]
+            if not batch:
+                continue
             try:
                 scores = self.scorer.score([text for text, _ in batch])
             except BaseException as exc:  # noqa: BLE001 - every waiting task must hear about it

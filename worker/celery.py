@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import sys
+
+# torch.cuda.is_available() then asks NVML instead of initialising the CUDA driver, which would
+# leave every later fork unable to use CUDA; set before anything imports torch.
+os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
 
 from celery import Celery
 

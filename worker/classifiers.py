@@ -76,19 +76,25 @@ class SpamClassifier:
         return results  # type: ignore[return-value]
 
     def _forward_splitting(self, texts: list[str]) -> list[float | None]:
-        """On out-of-memory, retry the two halves; a text that fails alone gets None."""
+        """On out-of-memory, retry the two halves; a text that fails alone gets None.
+
+        The retry runs after the ``except`` block: inside it the live traceback keeps the failed
+        pass's activations allocated, so ``empty_cache()`` could free nothing and the halves would
+        fail too.
+        """
         try:
             return self._forward(texts)
         except (torch.OutOfMemoryError, MemoryError):
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-            if len(texts) == 1:
-                log.warning("%s: out of memory on a single text of %d characters", self.name, len(texts[0]))
-                return [None]
-            half = len(texts) // 2
-            log.warning("%s: out of memory on a batch of %d; retrying as %d + %d", self.name, len(texts), half,
-                        len(texts) - half)
-            return self._forward_splitting(texts[:half]) + self._forward_splitting(texts[half:])
+            pass  # leave the handler first: that drops the traceback and the tensors it holds
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if len(texts) == 1:
+            log.warning("%s: out of memory on a single text of %d characters", self.name, len(texts[0]))
+            return [None]
+        half = len(texts) // 2
+        log.warning("%s: out of memory on a batch of %d; retrying as %d + %d", self.name, len(texts), half,
+                    len(texts) - half)
+        return self._forward_splitting(texts[:half]) + self._forward_splitting(texts[half:])
 
     def _forward(self, texts: list[str]) -> list[float]:
         if self.is_prompt:

@@ -12,6 +12,7 @@ import time
 from typing import TYPE_CHECKING
 
 from producer.contract import ModelUnavailable
+from worker import time_limits
 from worker.errors import ModelLoadError
 from worker.stats import process_stats
 
@@ -49,7 +50,8 @@ class ModelRegistry:
         process_stats.record_load(name, classifier.loaded)
 
     def enable_batching(self, max_wait_s: float) -> None:
-        """Route every ``score`` through one batcher per model (processes that run tasks concurrently)."""
+        """Route every ``score`` through one batcher per model (non-forking pools: concurrent tasks
+        share forward passes, and a task past its deadline stops waiting)."""
         from celery.worker import state
 
         from worker.batching import Batcher
@@ -57,8 +59,10 @@ class ModelRegistry:
         for name, classifier in self._models.items():
             self._batchers[name] = Batcher(classifier, classifier.batch_size, max_wait_s,
                                            in_flight=lambda: len(state.active_requests),
-                                           on_batch=process_stats.record_forward)
-        log.info("dynamic batching on: up to %s texts per forward pass, waiting at most %.1f ms",
+                                           on_batch=process_stats.record_forward,
+                                           thread_init=_current_device(classifier))
+        log.info("dynamic batching on: up to %s texts per forward pass, waiting at most %.1f ms; a task waits "
+                 "at most TASK_TIME_LIMIT_S",
                  ", ".join(f"{n} {c.batch_size}" for n, c in self._models.items()), max_wait_s * 1000)
 
     def has(self, name: str) -> bool:
@@ -67,7 +71,7 @@ class ModelRegistry:
     def score(self, name: str, texts: list[str]) -> list[Score]:
         """Scores in input order, batched with the other tasks of this process when batching is on."""
         batcher = self._batchers.get(name)
-        return batcher.score(texts) if batcher else self.get(name).score(texts)
+        return batcher.score(texts, time_limits.deadline()) if batcher else self.get(name).score(texts)
 
     def get(self, name: str) -> SpamClassifier:
         try:
@@ -96,6 +100,18 @@ def load_classifier(name: str, settings: Settings, first_start: bool = False) ->
     loaded.timings["warmup"] = round(time.perf_counter() - start, 4)
     log.info("%s ready: %s", name, ", ".join(f"{k} {v:.2f}s" for k, v in loaded.timings.items()))
     return classifier
+
+
+def _current_device(classifier: SpamClassifier):
+    """Make the model's GPU the batcher thread's current device (it is per thread in torch): else
+    argument-less CUDA calls there (``empty_cache``) would act on, and open a context on, GPU 0."""
+    def init() -> None:
+        import torch
+
+        if classifier.device.type == "cuda":
+            torch.cuda.set_device(classifier.device)
+
+    return init
 
 
 registry = ModelRegistry()

@@ -103,7 +103,8 @@ class Settings:
     """Intra-op threads per worker process; 0 divides the machine's cores among the processes (a
     threads-pool worker keeps one core for Celery's threads)."""
     task_time_limit_s: float = 300.0
-    """A task still running after this gets ``SoftTimeLimitExceeded``; 30 s later its process is killed."""
+    """A task still running after this gets ``SoftTimeLimitExceeded``; 30 s later its process is killed
+    (prefork). Threads and solo pools: the task stops waiting for its forward pass and fails with it."""
     visibility_timeout_s: float = 3600.0
     """Redis redelivers a message unacknowledged this long (a worker that died); above the time limit."""
     metrics_port: int = 0

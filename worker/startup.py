@@ -33,7 +33,7 @@ from celery.exceptions import WorkerShutdown
 from celery.signals import worker_process_init
 from celery.worker import state
 
-from worker import lifecycle, metrics, prefetch, stats
+from worker import lifecycle, metrics, prefetch, stats, time_limits
 from worker.errors import ModelLoadError, first_line
 from worker.registry import registry
 from worker.settings import Settings
@@ -85,8 +85,10 @@ def install(app, settings: Settings) -> None:
                 _Shared.loaded = context.Value(ctypes.c_int, 0)
             else:
                 _load_or_exit(settings)
-                if worker.concurrency > 1:  # threads: concurrent tasks share forward passes
-                    registry.enable_batching(settings.batch_wait_ms / 1000)
+                # threads, solo: concurrent tasks share forward passes, and since these pools ignore
+                # time limits, a task's wait for its pass ends at TASK_TIME_LIMIT_S.
+                registry.enable_batching(settings.batch_wait_ms / 1000)
+                time_limits.install(settings.task_time_limit_s)
                 stats.process_stats.attach(_Shared.stats_folder, "main")
                 lifecycle.finish(settings)
 

@@ -58,6 +58,8 @@ def memory_mb() -> dict[str, float]:
 
 
 def load_figures(loaded: LoadedModel) -> dict[str, Any]:
+    from worker.loading.memory_cap import summarize
+
     seconds = sum(loaded.timings.values())
     read_s = loaded.timings.get("materialise", 0.0) + loaded.timings.get("warmup", 0.0)
     placement = loaded.placement
@@ -71,6 +73,8 @@ def load_figures(loaded: LoadedModel) -> dict[str, Any]:
         "device": str(placement.device),
         "dtype": str(placement.dtype).removeprefix("torch."),
         "quantization": placement.quantization or "none",
+        # Modules per device when a device map placed the model (MAX_MEMORY_GB): "cuda:0 30, cpu 6".
+        "device_map": summarize(getattr(loaded.model, "hf_device_map", None)) or str(placement.device),
     }
     if loaded.plan.prompt is not None:
         figures["prompt"] = loaded.plan.prompt.source

@@ -51,8 +51,61 @@ def test_bitsandbytes_quantization_loads_and_scores(models, cpu_settings, bits):
     assert all(0.0 <= s <= 1.0 for s in got)
 
 
-def test_max_memory_gb_is_passed_to_device_map(models, cpu_settings):
-    settings = replace(cpu_settings, device="cuda", torch_dtype="bfloat16", max_memory_gb=1.0,
-                       model_loader="transformers")
+def test_max_memory_gb_that_holds_the_model_places_it_on_the_gpu(models, cpu_settings):
+    settings = replace(cpu_settings, device="cuda", torch_dtype="bfloat16", max_memory_gb=1.0)
     got, loaded = _scores(settings, models)
+    assert set(loaded.model.hf_device_map.values()) == {0}
     assert all(0.0 <= s <= 1.0 for s in got)
+
+
+@pytest.mark.parametrize("loader", ["transformers", "snapshot"])
+def test_max_memory_gb_below_the_model_spills_to_cpu_memory_never_disk(models, cpu_settings, loader, caplog):
+    from worker.loading import plan as planning
+    from worker.loading.memory_cap import plan_device_map
+
+    plan = planning.resolve(ModelSource("exaone", str(models.exaone), models.exaone_adapter), cpu_settings)
+    cap = plan_device_map(plan, torch.bfloat16, None, 0, 100).total / 2**30 * 0.8
+    reference, _ = _scores(replace(cpu_settings, device="cuda", torch_dtype="bfloat16", model_loader=loader), models)
+    settings = replace(cpu_settings, device="cuda", torch_dtype="bfloat16", max_memory_gb=cap, model_loader=loader)
+    got, loaded = _scores(settings, models)
+    assert set(loaded.model.hf_device_map.values()) == {0, "cpu"}
+    assert "spills" in caplog.text
+    assert got == pytest.approx(reference, abs=2e-2)
+
+
+def test_max_memory_gb_below_a_quantized_model_is_refused(models, cpu_settings):
+    from worker.errors import ModelLoadError
+
+    settings = replace(cpu_settings, device="cuda", torch_dtype="bfloat16", use_quantization=True,
+                       max_memory_gb=1e-5)
+    with pytest.raises(ModelLoadError, match="set MAX_MEMORY_GB to at least"):
+        _scores(settings, models)
+
+
+def test_koelectra_on_cuda_matches_cpu(models, cpu_settings):
+    reference, _ = _scores(cpu_settings, models, "koelectra")
+    got, loaded = _scores(replace(cpu_settings, device="cuda"), models, "koelectra")
+    assert next(loaded.model.parameters()).device.type == "cuda"
+    assert got == pytest.approx(reference, abs=1e-3)
+
+
+@pytest.mark.parametrize("bits", ["4bit", "8bit"])
+def test_quantized_snapshot_is_written_and_loaded_on_cuda(models, cpu_settings, bits):
+    settings = replace(cpu_settings, device="cuda", torch_dtype="bfloat16", use_quantization=True,
+                       quantization_bits=bits)
+    first, built = _scores(settings, models)
+    assert built.source == "checkpoint+snapshot"
+    again, loaded = _scores(settings, models)
+    assert loaded.source == "snapshot" and loaded.placement.quantization == bits
+    assert {type(m).__name__ for m in loaded.model.modules()} & {"Linear4bit", "Linear8bitLt"}
+    assert {p.device.type for p in loaded.model.parameters()} == {"cuda"}
+    assert again == pytest.approx(first, abs=1e-3)
+
+
+def test_cuda_n_out_of_range_is_a_clear_load_error(models, cpu_settings):
+    from worker.errors import ModelLoadError
+
+    settings = replace(cpu_settings, device=f"cuda:{torch.cuda.device_count()}")
+    with pytest.raises(ModelLoadError, match="but torch sees"):
+        _scores(settings, models)
+

@@ -6,6 +6,7 @@ import threading
 import time
 
 import pytest
+from celery.exceptions import SoftTimeLimitExceeded
 
 from worker.batching import Batcher
 from worker.score import Score
@@ -68,3 +69,23 @@ def test_a_failed_pass_fails_its_callers_only():
     out = _run_concurrently(batcher, ["bad", "good"])
     assert isinstance(out["bad"], RuntimeError) and out["good"] == pytest.approx(0.04)
     assert batcher.score(["again"])[0].spam_score == pytest.approx(0.05)  # the batcher thread lives on
+
+
+def test_a_caller_past_its_deadline_fails_clearly_and_the_batcher_serves_the_next():
+    scorer = SlowScorer()  # 50 ms a pass
+    batcher = Batcher(scorer, max_batch=1, max_wait_s=0.0)
+    start = time.perf_counter()
+    with pytest.raises(SoftTimeLimitExceeded, match=r"ran past its time limit \(TASK_TIME_LIMIT_S\) waiting for "
+                                                    r"slow to score 20 text\(s\); 1[5-8] not yet started were dropped"):
+        batcher.score([f"t{i}" for i in range(20)], deadline=time.monotonic() + 0.12)
+    assert time.perf_counter() - start < 0.5
+    start = time.perf_counter()
+    assert batcher.score(["next"])[0].spam_score == pytest.approx(0.04)
+    assert time.perf_counter() - start < 0.5, "the dropped texts were scored anyway"
+    assert sum(scorer.calls) <= 5
+
+
+def test_a_deadline_that_is_not_reached_changes_nothing():
+    batcher = Batcher(SlowScorer(), max_batch=4, max_wait_s=0.0)
+    got = batcher.score(["ab", "abc"], deadline=time.monotonic() + 5)
+    assert [s.spam_score for s in got] == pytest.approx([0.02, 0.03])

@@ -144,7 +144,7 @@ def load_base(plan: planning.LoadPlan, folder: str | Path, placement: Placement,
     complete once the adapter's saved modules are in, and to fit the adapter."""
     model, info = plan.model_class.from_pretrained(
         folder, config=plan.config, trust_remote_code=plan.trust_remote_code, output_loading_info=True,
-        **placement.from_pretrained_kwargs(), **kwargs,
+        **placement.from_pretrained_kwargs(plan=plan), **kwargs,
     )
     if info["mismatched_keys"]:
         first = sorted(info["mismatched_keys"])[0]

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from worker.settings import Settings
+
+if TYPE_CHECKING:
+    from worker.loading.plan import LoadPlan
+
+log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -29,19 +36,28 @@ class Placement:
             dtype = _DTYPES[settings.torch_dtype]
         # bitsandbytes quantizes on CUDA and, since 0.48, on CPU (slower to compute, a quarter the memory).
         quantization = settings.quantization_for(name)
-        return cls(device=device, dtype=dtype, quantization=quantization, max_memory_gb=settings.max_memory_gb)
+        # The cap is EXAONE's, as documented: KoELECTRA (57 MB) always fits.
+        cap = settings.max_memory_gb if name == "exaone" and device.type == "cuda" else None
+        return cls(device=device, dtype=dtype, quantization=quantization, max_memory_gb=cap)
 
-    def from_pretrained_kwargs(self, quantize: bool = True) -> dict[str, Any]:
+    def from_pretrained_kwargs(self, quantize: bool = True, plan: LoadPlan | None = None) -> dict[str, Any]:
         """Device, dtype and quantization arguments for ``from_pretrained``; ``quantize=False`` for
-        weights that are quantized already (their config says how)."""
+        weights that are quantized already (their config says how). ``plan`` is needed under a
+        memory cap, to place the model's layers before loading it (:mod:`worker.loading.memory_cap`)."""
         kwargs: dict[str, Any] = {"dtype": self.dtype}
         if self.device.type == "cuda":
             index = self.device.index if self.device.index is not None else torch.cuda.current_device()
-            if self.max_memory_gb is not None:
-                kwargs["device_map"] = "auto"
-                kwargs["max_memory"] = {index: f"{self.max_memory_gb}GiB"}
+            if self.max_memory_gb is not None and plan is not None:
+                from worker.loading.memory_cap import capped_device_map
+
+                kwargs["device_map"] = capped_device_map(plan, self, index)
             else:
                 kwargs["device_map"] = {"": index}
+        else:
+            # Named, never left out: bitsandbytes' quantizers turn a missing device_map into the current
+            # CUDA device, so on a host with a GPU a "CPU" quantized load (or quantized snapshot) would
+            # land on the GPU. A snapshot loaded this way stays memory-mapped (shared across children).
+            kwargs["device_map"] = {"": "cpu"}
         if self.quantization is not None and quantize:
             from transformers import BitsAndBytesConfig
 
@@ -59,17 +75,36 @@ def resolve_device(value: str) -> torch.device:
     """``auto`` picks CUDA when a GPU is visible; asking for CUDA without one is an error.
 
     With several GPUs and no index given, a prefork child takes GPU ``pool index % count``, so the
-    children of one worker spread over the host's GPUs (a respawned child keeps its index).
+    children of one worker spread over the host's GPUs (a respawned child keeps its index). The
+    chosen GPU becomes the current device, or argument-less CUDA calls would open a second context
+    on GPU 0 in every child.
     """
     if value == "auto":
         value = "cuda" if torch.cuda.is_available() else "cpu"
+        if value == "cpu" and (found := nvidia_devices()):
+            log.warning("DEVICE=auto is serving on CPU although this host has an NVIDIA GPU (%s): torch %s "
+                        "cannot use it (%s). Install a CUDA build of torch (scripts/bootstrap does on a GPU host), "
+                        "or set DEVICE=cuda to stop instead, or DEVICE=cpu to silence this.", ", ".join(found),
+                        torch.__version__, "a CPU build" if torch.version.cuda is None else
+                        f"built for CUDA {torch.version.cuda}: check the driver")
     device = torch.device(value)
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if device.type != "cuda":
+        return device
+    if not torch.cuda.is_available():
         raise RuntimeError(f"DEVICE={value} but no CUDA device is visible to torch")
-    if device.type == "cuda" and device.index is None:
+    count = torch.cuda.device_count()
+    if device.index is None:
         from billiard.process import current_process
 
         index = getattr(current_process(), "index", None)
-        count = torch.cuda.device_count()
         device = torch.device("cuda", (index or 0) % count if count > 1 else 0)
+    elif device.index >= count:
+        raise RuntimeError(f"DEVICE={value} but torch sees {count} CUDA device(s): use cuda:0"
+                           + (f" to cuda:{count - 1}" if count > 1 else ""))
+    torch.cuda.set_device(device)
     return device
+
+
+def nvidia_devices(root: Path = Path("/")) -> list[str]:
+    """The NVIDIA GPUs the host's driver exposes (``/dev/nvidiaN``), whether or not torch can use them."""
+    return sorted(p.name for p in (root / "dev").glob("nvidia[0-9]*"))

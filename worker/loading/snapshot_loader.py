@@ -30,6 +30,7 @@ from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 
+import torch
 from filelock import FileLock, Timeout
 from safetensors import SafetensorError, safe_open
 
@@ -72,7 +73,7 @@ class SnapshotLoader(BaseLoader):
         reader = prefetch.read_in_background(files)
         with timer.stage("materialise"):
             model, info = plan.model_class.from_pretrained(
-                folder, output_loading_info=True, **placement.from_pretrained_kwargs(quantize=False),
+                folder, output_loading_info=True, **placement.from_pretrained_kwargs(quantize=False, plan=plan),
             )
         with timer.stage("read"):
             reader.join()
@@ -148,14 +149,18 @@ class SnapshotLoader(BaseLoader):
     def _build(self, plan: LoadPlan, placement: Placement, inputs: list[Path], folder: Path) -> None:
         """Build ``folder`` (the caller holds its lock): the adapter merged into the converted base,
         the reference path's model when there is no adapter, or the merged snapshot quantized."""
+        # Under a memory cap, build on CPU: layers spilled to CPU memory live behind accelerate's
+        # hooks, where merging and saving would not see them. The snapshot is the same file.
+        where = replace(placement, device=torch.device("cpu"), max_memory_gb=None) \
+            if placement.max_memory_gb is not None else placement
         if placement.quantization is None and plan.adapter is not None:
-            base = self.ensure_base(plan, placement, inputs)
-            self.build(folder, None, lambda: _merged(plan, placement, base))
+            base = self.ensure_base(plan, where, inputs)
+            self.build(folder, None, lambda: _merged(plan, where, base))
         elif placement.quantization is None:
-            self.build(folder, None, lambda: load_adapted(plan, placement, self.settings, StageTimer()))
+            self.build(folder, None, lambda: load_adapted(plan, where, self.settings, StageTimer()))
         else:  # quantize the merged snapshot, so merging never meets quantized layers
             merged, _ = self.ensure_snapshot(plan, replace(placement, quantization=None), inputs)
-            kwargs = placement.from_pretrained_kwargs()
+            kwargs = placement.from_pretrained_kwargs(plan=plan)
             self.build(folder, placement.quantization, lambda: plan.model_class.from_pretrained(merged, **kwargs))
 
     def ensure_base(self, plan: LoadPlan, placement: Placement, inputs: list[Path]) -> Path:
@@ -181,6 +186,8 @@ class SnapshotLoader(BaseLoader):
             model.save_pretrained(tmp, safe_serialization=True, max_shard_size="1000GB")
             del model
             gc.collect()
+            if torch.cuda.is_initialized():
+                torch.cuda.empty_cache()  # else the build's blocks stay reserved for the life of the process
             files = {f.name: f.stat().st_size for f in tmp.glob("*.safetensors")}
             (tmp / MANIFEST).write_text(json.dumps({"format": FORMAT, "files": files, "quantization": quantization},
                                                    indent=1))
