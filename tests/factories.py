@@ -77,13 +77,29 @@ def _seed(seed: int) -> None:
 # --- tokenizers -------------------------------------------------------------------------------
 
 
-def build_wordpiece_tokenizer(out: Path) -> None:
-    """A BERT-style WordPiece tokenizer like KoELECTRA's, trained on the tiny corpus."""
+def build_wordpiece_tokenizer(out: Path, corpus: list[str] | None = None, vocab_size: int = 300,
+                              alphabet: list[str] | None = None, vocab: list[str] | None = None) -> None:
+    """A BERT-style WordPiece tokenizer like KoELECTRA's, trained on the tiny corpus (or ``corpus``).
+
+    ``alphabet``: characters added to the trained vocabulary both as a word start and as a ``##``
+    continuation, so that a word made of them never becomes ``[UNK]`` (as in KoELECTRA's vocabulary).
+    ``vocab``: a fixed vocabulary (after the special tokens) instead of a trained one; the trainer
+    breaks frequency ties differently in every process, a given vocabulary is reproducible.
+    """
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=False, strip_accents=False)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok.train_from_iterator(CORPUS, trainers.WordPieceTrainer(vocab_size=300, special_tokens=specials))
+    if vocab is None:
+        tok.train_from_iterator(CORPUS if corpus is None else corpus,
+                                trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials))
+    else:
+        tok.model = models.WordPiece({t: i for i, t in enumerate(dict.fromkeys(specials + vocab))}, unk_token="[UNK]")
+    if alphabet:
+        vocab = tok.get_vocab()
+        for piece in (p for c in alphabet for p in (c, f"##{c}")):
+            vocab.setdefault(piece, len(vocab))
+        tok.model = models.WordPiece(vocab, unk_token="[UNK]")
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
@@ -96,16 +112,19 @@ def build_wordpiece_tokenizer(out: Path) -> None:
     fast.save_pretrained(out)
 
 
-def build_bytelevel_tokenizer(out: Path) -> None:
-    """A byte-level BPE tokenizer with EXAONE's special tokens and chat template."""
+def build_bytelevel_tokenizer(out: Path, corpus: list[str] | None = None, vocab_size: int = 400) -> None:
+    """A byte-level BPE tokenizer with EXAONE's special tokens and chat template.
+
+    Trained on the tiny corpus plus the label words, or on ``corpus`` alone when given.
+    """
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     specials = ["[PAD]", "[BOS]", "[EOS]", "[UNK]", "[|system|]", "[|user|]", "[|assistant|]", "[|endofturn|]"]
     trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
-    tok.train_from_iterator(CORPUS + ["spam", "ham", "스팸", "정상"], trainer)
+    tok.train_from_iterator(CORPUS + ["spam", "ham", "스팸", "정상"] if corpus is None else corpus, trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="[PAD]", bos_token="[BOS]", eos_token="[|endofturn|]", unk_token="[UNK]",
         model_max_length=256,
@@ -117,20 +136,25 @@ def build_bytelevel_tokenizer(out: Path) -> None:
 # --- KoELECTRA ----------------------------------------------------------------------------------
 
 
-def electra_config(vocab_size: int) -> ElectraConfig:
-    return ElectraConfig(
-        vocab_size=vocab_size, embedding_size=32, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=128,
-    )
+def electra_config(vocab_size: int, **overrides) -> ElectraConfig:
+    sizes = {"embedding_size": 32, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+             "intermediate_size": 64, "max_position_embeddings": 128}
+    return ElectraConfig(vocab_size=vocab_size, **{**sizes, **overrides})
 
 
-def build_koelectra(out: Path, seed: int = 0) -> Path:
-    """A discriminator checkpoint like ``monologg/koelectra-small-v3-discriminator``."""
+def build_koelectra(out: Path, seed: int = 0, corpus: list[str] | None = None, vocab_size: int = 300,
+                    alphabet: list[str] | None = None, config: dict | None = None,
+                    vocab: list[str] | None = None) -> Path:
+    """A discriminator checkpoint like ``monologg/koelectra-small-v3-discriminator``.
+
+    ``corpus``/``vocab_size``/``alphabet``/``vocab``: see :func:`build_wordpiece_tokenizer`;
+    ``config`` overrides sizes.
+    """
     out.mkdir(parents=True, exist_ok=True)
-    build_wordpiece_tokenizer(out)
+    build_wordpiece_tokenizer(out, corpus, vocab_size, alphabet, vocab)
     vocab_size = len(json.loads((out / "tokenizer.json").read_text())["model"]["vocab"])
     _seed(seed)
-    model = ElectraForPreTraining(electra_config(vocab_size))
+    model = ElectraForPreTraining(electra_config(vocab_size, **(config or {})))
     model.save_pretrained(out)
     return out
 
@@ -153,7 +177,7 @@ def build_koelectra_adapter(out: Path, base: Path, seed: int = 1, id2label: dict
 # --- EXAONE -------------------------------------------------------------------------------------
 
 
-def exaone_config_dict(vocab_size: int) -> dict:
+def exaone_config_dict(vocab_size: int, **overrides) -> dict:
     """A config.json as LG publishes it, shrunk; ``tie_word_embeddings`` omitted on purpose."""
     return {
         "architectures": ["ExaoneForCausalLM"],
@@ -177,7 +201,7 @@ def exaone_config_dict(vocab_size: int) -> dict:
         "eos_token_id": 7,
         "pad_token_id": 0,
         "torch_dtype": "float32",
-    }
+    } | overrides
 
 
 def _llama_config(exaone: dict, **extra) -> LlamaConfig:
@@ -192,12 +216,16 @@ def _llama_config(exaone: dict, **extra) -> LlamaConfig:
     )
 
 
-def build_exaone(out: Path, seed: int = 0, shards: int = 2) -> Path:
-    """An EXAONE 3.5 checkpoint in the published layout: remote-code key names, fp32, sharded."""
+def build_exaone(out: Path, seed: int = 0, shards: int = 2, corpus: list[str] | None = None,
+                 vocab_size: int = 400, config: dict | None = None) -> Path:
+    """An EXAONE 3.5 checkpoint in the published layout: remote-code key names, fp32, sharded.
+
+    ``corpus``/``vocab_size`` train the tokenizer on other text; ``config`` overrides config.json sizes.
+    """
     out.mkdir(parents=True, exist_ok=True)
-    build_bytelevel_tokenizer(out)
+    build_bytelevel_tokenizer(out, corpus, vocab_size)
     vocab_size = len(json.loads((out / "tokenizer.json").read_text())["model"]["vocab"])
-    config = exaone_config_dict(vocab_size)
+    config = exaone_config_dict(vocab_size, **(config or {}))
     _seed(seed)
     model = LlamaForCausalLM(_llama_config(config))
     # Norm weights are ones at init; randomise them so that a dropped norm would show.
