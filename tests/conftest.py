@@ -59,6 +59,17 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Models:
     )
 
 
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo of ``scripts/run --demo``: tiny models with adapters trained on the synthetic set."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import demo_models
+
+    root = tmp_path_factory.mktemp("demo")
+    assert demo_models.ensure(root)
+    return root
+
+
 # --- Redis ----------------------------------------------------------------------------------------
 
 

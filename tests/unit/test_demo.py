@@ -30,13 +30,6 @@ MODELS = ("koelectra", "exaone")
 pytestmark = pytest.mark.timeout(900)
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("demo")
-    assert demo_models.ensure(root)
-    return root
-
-
 def heldout(root: Path) -> list[dict]:
     lines = (root / "data" / demo_data.HELDOUT_FILE).read_text(encoding="utf-8").splitlines()
     return [json.loads(line) for line in lines]
