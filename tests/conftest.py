@@ -73,6 +73,10 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # --- Redis ----------------------------------------------------------------------------------------
 
 
+DATABASES = 512
+"""Every worker a test starts gets two databases of the session's redis-server."""
+
+
 @dataclass
 class RedisServer:
     port: int
@@ -86,7 +90,7 @@ class RedisServer:
         """A broker and a result backend database no other test uses."""
         broker, backend = self._next_db, self._next_db + 1
         self._next_db += 2
-        if backend > 63:
+        if backend >= DATABASES:
             raise RuntimeError("out of Redis databases for this session")
         return self.url(broker), self.url(backend)
 
@@ -95,7 +99,7 @@ class RedisServer:
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     if shutil.which("redis-server") is None:
         pytest.fail("redis-server is not installed (the README's test command installs it)")
-    server = RedisProcess(tmp_path_factory.mktemp("redis"), extra=("--databases", "64")).start()
+    server = RedisProcess(tmp_path_factory.mktemp("redis"), extra=("--databases", str(DATABASES))).start()
     yield RedisServer(server.port, server.process)
     server.stop()
 
