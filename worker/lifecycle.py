@@ -45,6 +45,9 @@ from worker.stats import collect, process_stats
 log = logging.getLogger(__name__)
 
 _POLL_S = 0.2
+_UNMERGED = {"serve_unmerged": True}
+"""How a reload loads (where the strategy can): the new adapter over the converted base until its
+merged snapshot is built, then the snapshot (:func:`finish`)."""
 _SOURCES = "reload-sources"  # not *.json: those are the processes' figures
 
 
@@ -156,9 +159,9 @@ def _prepare(name: str, fresh: Settings, served: set[str]) -> tuple[dict[str, An
 
             prepare = replace(settings, device="cpu", torch_dtype=_served_dtype(name))
             with LOAD_LOCK:
-                classifier, version = None, get_loader(prepare).prepare(settings.source(name))
+                classifier, version = None, get_loader(prepare, **_UNMERGED).prepare(settings.source(name))
         else:
-            classifier = load_classifier(name, settings)
+            classifier = load_classifier(name, settings, **_UNMERGED)
             version = classifier.version
     except ModelLoadError as exc:
         return {"outcome": "refused", "old": old, "error": str(exc)}, None
@@ -187,6 +190,7 @@ def _switch(fresh: Settings, prepared: dict[str, Any], outcomes: dict[str, dict[
         for name, classifier in prepared.items():
             registry.swap(name, classifier)
         process_stats.record_reload(0, "switched", time.perf_counter() - start)
+        finish(_worker.settings)
         failures = {}
     seconds = round(time.perf_counter() - start, 3)
     for outcome in (outcomes[n] for n in prepared):
@@ -305,10 +309,11 @@ def _follow(settings: Settings, seen: int) -> None:
             settings = replace(settings, **payload["fields"])
             for name, version in payload["versions"].items():
                 if registry.has(name) and registry.get(name).version != version:
-                    registry.swap(name, load_classifier(name, settings))
+                    registry.swap(name, load_classifier(name, settings, **_UNMERGED))
         except Exception as exc:  # noqa: BLE001 - report it and keep serving the old version
             line = str(exc) if isinstance(exc, ModelLoadError) else f"{type(exc).__name__}: {first_line(exc)}"
             log.error("reload: this process keeps its old version: %s", line)
             process_stats.record_reload(generation, "failed", time.perf_counter() - start, line)
             continue
         process_stats.record_reload(generation, "switched", time.perf_counter() - start)
+        finish(settings)

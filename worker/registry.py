@@ -39,7 +39,7 @@ class ModelRegistry:
         """Load every model in ``PRELOAD_MODELS`` completely, or raise ``ModelLoadError``. A model
         whose snapshot is not built yet serves from the checkpoint: see :func:`worker.lifecycle.finish`."""
         for name in settings.preload_models:
-            self.swap(name, load_classifier(name, settings, first_start=True))
+            self.swap(name, load_classifier(name, settings, serve_before_build=True, serve_unmerged=True))
 
     def swap(self, name: str, classifier: SpamClassifier) -> None:
         """Serve ``name`` with ``classifier`` from the next task (or batched forward pass) on; a call
@@ -81,13 +81,14 @@ class ModelRegistry:
             raise ModelUnavailable(f"model {name!r} is not loaded in this worker (loaded: {loaded})") from None
 
 
-def load_classifier(name: str, settings: Settings, first_start: bool = False) -> SpamClassifier:
-    """``name`` loaded completely, as ``settings`` say, and warmed up; or ``ModelLoadError``.
-    ``first_start``: serve before the snapshot is built, if this process would be the one to build it."""
+def load_classifier(name: str, settings: Settings, **serve: bool) -> SpamClassifier:
+    """``name`` loaded completely, as ``settings`` say, and warmed up; or ``ModelLoadError``. ``serve``:
+    the snapshot loader's options to serve before its snapshot is built (then ``loaded.finish``
+    builds it: see :func:`worker.lifecycle.finish`)."""
     from worker.classifiers import SpamClassifier
     from worker.loading import get_loader
 
-    options = {"serve_before_build": True} if first_start and settings.model_loader == "snapshot" else {}
+    options = serve if settings.model_loader == "snapshot" else {}
     with LOAD_LOCK:
         loaded = get_loader(settings, **options).load_model(settings.source(name))
     max_tokens = settings.exaone_max_tokens if name == "exaone" else None

@@ -172,7 +172,10 @@ def test_two_workers_on_one_snapshot_dir_build_once_and_a_second_reload_is_uncha
                             urls=(first.broker_url, first.backend_url))
     client = client_for(first)
     wait_until_serving(first, client)
-    wait_until_serving(second, client)
+    deadline = time.monotonic() + 180
+    while len(served(client)) < 3:  # both workers up: two prefork children and one threads process
+        assert time.monotonic() < deadline and second.process.poll() is None, second.log()[-3000:]
+        time.sleep(0.5)
     built = lambda: sum(w.log().count("building snapshot") for w in (first, second))  # noqa: E731
     start_builds = built()
 

@@ -36,6 +36,7 @@ from safetensors import SafetensorError, safe_open
 
 from worker import prefetch
 from worker.errors import ModelLoadError
+from worker.loading import lora
 from worker.loading.adapters import attach_adapter, merge_and_unload
 from worker.loading.base import BaseLoader, LoadedWeights, StageTimer, checkpoint_files, load_adapted, load_base
 from worker.loading.devices import Placement
@@ -49,15 +50,22 @@ MANIFEST = "snapshot.json"
 
 
 class SnapshotLoader(BaseLoader):
-    def __init__(self, settings: Settings, serve_before_build: bool = False) -> None:
-        """``serve_before_build``: when no snapshot exists and no other process is building one, load
-        the checkpoint the reference way and leave the build to ``LoadedModel.finish`` (a worker's
-        first start then serves as soon as the reference path would, and builds in the background)."""
+    def __init__(self, settings: Settings, serve_before_build: bool = False, serve_unmerged: bool = False) -> None:
+        """When the model's snapshot is not built yet, serve at once and leave the build to
+        ``LoadedModel.finish``: ``serve_unmerged`` from the converted base with the adapter applied at
+        run time (:mod:`worker.loading.lora`; a reload then serves a new adapter in seconds), else
+        ``serve_before_build`` from the checkpoint the reference way, if no other process is building
+        it (a first start then serves as soon as the reference path would)."""
         super().__init__(settings)
         self.serve_before_build = serve_before_build
+        self.serve_unmerged = serve_unmerged
 
     def load_weights(self, plan: LoadPlan, placement: Placement, timer: StageTimer) -> LoadedWeights:
         inputs = self._inputs(plan, timer)
+        if self.serve_unmerged and placement.quantization is None:
+            deferred = self._serve_unmerged(plan, placement, inputs, timer)
+            if deferred is not None:
+                return deferred
         if self.serve_before_build and placement.quantization is None:
             deferred = self._serve_before_build(plan, placement, inputs, timer)
             if deferred is not None:
@@ -85,7 +93,15 @@ class SnapshotLoader(BaseLoader):
         return LoadedWeights(model, source, files)
 
     def prepare_weights(self, plan: LoadPlan, placement: Placement) -> None:
-        self.ensure_snapshot(plan, placement, self._inputs(plan))
+        """The snapshot; with ``serve_unmerged``, only the converted base, and the adapter checked
+        against it (the load serves it unmerged and builds the snapshot after)."""
+        inputs = self._inputs(plan)
+        if (self.serve_unmerged and placement.quantization is None and plan.adapter is not None
+                and lora.supported(plan.adapter) and not is_valid(self._folder(plan, placement, inputs))):
+            base = self.ensure_base(plan, placement, inputs)
+            lora.apply(plan.name, load_base(plan, base, placement), plan.adapter)
+            return
+        self.ensure_snapshot(plan, placement, inputs)
 
     def _inputs(self, plan: LoadPlan, timer: StageTimer | None = None) -> list[Path]:
         """The checkpoint and adapter files, downloaded first when the model is a Hub id not cached."""
@@ -97,6 +113,25 @@ class SnapshotLoader(BaseLoader):
                 snapshot_download(plan.model_id)
             inputs = checkpoint_files(plan, self.settings)
         return inputs
+
+    def _serve_unmerged(self, plan: LoadPlan, placement: Placement, inputs: list[Path],
+                        timer: StageTimer) -> LoadedWeights | None:
+        """The converted base, memory-mapped, with a plain LoRA adapter applied at run time; the
+        merged snapshot's build (or the wait for another process's) as ``finish``. None when the
+        snapshot exists, the base is not converted yet, or the adapter is not plain LoRA."""
+        if plan.adapter is None or not lora.supported(plan.adapter) or is_valid(self._folder(plan, placement, inputs)):
+            return None
+        base = self._base_folder(plan, placement, inputs)
+        if not is_valid(base):
+            return None
+        with timer.stage("materialise"):
+            model = load_base(plan, base, placement)
+        with timer.stage("adapter"):
+            model = lora.apply(plan.name, model, plan.adapter)
+        _mark_used(base)
+        files = [base / name for name in _manifest(base)["files"]]
+        files += [f for f in inputs if plan.adapter.path in f.parents]
+        return LoadedWeights(model, "base+adapter", files, finish=lambda: self.ensure_snapshot(plan, placement, inputs))
 
     def _serve_before_build(self, plan: LoadPlan, placement: Placement, inputs: list[Path],
                             timer: StageTimer) -> LoadedWeights | None:
@@ -130,6 +165,10 @@ class SnapshotLoader(BaseLoader):
 
     def _folder(self, plan: LoadPlan, placement: Placement, inputs: list[Path]) -> Path:
         return self.settings.snapshot_path / f"{plan.name}-{fingerprint(plan, placement, inputs)}"
+
+    def _base_folder(self, plan: LoadPlan, placement: Placement, inputs: list[Path]) -> Path:
+        base_files = [f for f in inputs if plan.adapter.path not in f.parents]
+        return self.settings.snapshot_path / f"{plan.name}-base-{fingerprint(plan, placement, base_files, base=True)}"
 
     def ensure_snapshot(self, plan: LoadPlan, placement: Placement, inputs: list[Path]) -> tuple[Path, bool]:
         """The snapshot's folder, built first if missing or damaged (and whether this call built it)."""
@@ -166,8 +205,7 @@ class SnapshotLoader(BaseLoader):
     def ensure_base(self, plan: LoadPlan, placement: Placement, inputs: list[Path]) -> Path:
         """The base checkpoint converted to the target dtype, without any adapter: built once, so a
         new adapter's snapshot merges into it instead of reading and converting the checkpoint again."""
-        base_files = [f for f in inputs if plan.adapter.path not in f.parents]
-        folder = self.settings.snapshot_path / f"{plan.name}-base-{fingerprint(plan, placement, base_files, base=True)}"
+        folder = self._base_folder(plan, placement, inputs)
         with _build_lock(folder):
             if not is_valid(folder):
                 self.build(folder, None, lambda: load_base(plan, plan.model_id, placement,
