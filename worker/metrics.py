@@ -39,6 +39,8 @@ class _Metrics:
                           ["model", "version"], multiprocess_mode="liveall")
         self.reload = Gauge("spam_reload_seconds", "Seconds this process's last reload took, under its outcome",
                             ["outcome"], multiprocess_mode="liveall")
+        self.reload_at = Gauge("spam_reload_timestamp_seconds", "When this process's last reload ended (Unix time)",
+                               multiprocess_mode="liveall")
         self.memory = Gauge("spam_process_memory_bytes", "Process memory (rss, pss, cuda*_allocated, ...)",
                             ["kind"], multiprocess_mode="liveall")
         self.tasks = Counter("spam_tasks", "Classification tasks by outcome", ["outcome"])
@@ -112,6 +114,7 @@ def record_reload(outcome: str, seconds: float) -> None:
         _metrics.reload.labels(other).set(0)
     _reload_outcomes.add(outcome)
     _metrics.reload.labels(outcome).set(seconds)
+    _metrics.reload_at.set_to_current_time()
 
 
 def record_task(seconds: float, batch_size: int, ok: bool) -> None:

@@ -16,8 +16,9 @@ import pytest
 
 from producer.reload import EXIT_OK, EXIT_REFUSED, exit_code, reload_fleet
 from tests import factories
-from tests.conftest import ROOT
+from tests.conftest import ROOT, free_port
 from tests.integration.helpers import client_for, wait_until_serving
+from tests.integration.test_stats import _metrics
 from tests.prompt_reference import KOREAN
 from worker.prompt import FILE_NAME
 from worker.registry import load_classifier
@@ -68,8 +69,9 @@ def served(client) -> dict[int, dict[str, str]]:
 @pytest.mark.parametrize(("pool", "concurrency"), [("prefork", 2), ("threads", 8)])
 def test_a_stream_of_tasks_runs_through_a_reload_exactly_once(worker_factory, models, adapters, tmp_path, pool,
                                                              concurrency):
+    metrics_port = free_port()
     env = models.env(PRELOAD_MODELS="koelectra,exaone", EXAONE_ADAPTER_DIR=str(adapters["current"]),
-                     SNAPSHOT_DIR=str(tmp_path / "snapshots"))
+                     SNAPSHOT_DIR=str(tmp_path / "snapshots"), METRICS_PORT=str(metrics_port))
     worker = worker_factory(env, pool=pool, concurrency=concurrency, name=f"reload-{pool}")
     client = client_for(worker)
     wait_until_serving(worker, client)
@@ -109,6 +111,11 @@ def test_a_stream_of_tasks_runs_through_a_reload_exactly_once(worker_factory, mo
     stats = next(iter((client.app.control.inspect(timeout=2.0).stats() or {}).values()))
     outcomes_seen = {k: v for k, v in stats.items() if k.endswith(".reload_outcome")}
     assert len(outcomes_seen) == len(after) and set(outcomes_seen.values()) == {"switched"}, stats
+    metrics = _metrics(metrics_port)
+    for pid in after:
+        assert metrics[("spam_model_info", f'model="exaone",pid="{pid}",version="{new}"')] == 1
+        assert metrics[("spam_reload_seconds", f'outcome="switched",pid="{pid}"')] > 0
+        assert metrics[("spam_reload_timestamp_seconds", f'pid="{pid}"')] > time.time() - 300
 
     results = [(kind, h.get(timeout=120)) for kind, h in handles]
     assert len(results) > 20
