@@ -28,26 +28,27 @@ def read_texts(path: Path, fmt: str, field: str = "text") -> Iterator[str]:
             if fmt == "txt":
                 for line in fh:
                     yield line.rstrip("\r\n")
-            elif fmt == "csv":
-                yield from _csv_texts(path, fh, field)
             else:
-                yield from _jsonl_texts(path, fh, field)
+                yield from (values[0] for _, values in _records(path, fh, fmt, (field,)))
     except UnicodeDecodeError as exc:
         raise ValueError(f"{path}: not UTF-8 text ({exc.reason})") from None
 
 
-def _csv_texts(path: Path, fh: IO[str], field: str) -> Iterator[str]:
-    reader = csv.DictReader(fh)
-    try:
-        if reader.fieldnames is None or field not in reader.fieldnames:
-            raise ValueError(f"{path}: no column {field!r} (columns: {reader.fieldnames})")
-        for row in reader:
-            yield row[field]
-    except csv.Error as exc:
-        raise ValueError(f"{path}:{reader.reader.line_num}: {exc}") from None
-
-
-def _jsonl_texts(path: Path, fh: IO[str], field: str) -> Iterator[str]:
+def _records(path: Path, fh: IO[str], fmt: str, fields: tuple[str, ...]) -> Iterator[tuple[int, list]]:
+    """``(line number, [value of each field])`` per CSV row or JSONL record; a record that cannot be
+    read, or lacks a field, is an error naming its line."""
+    if fmt == "csv":
+        reader = csv.DictReader(fh)
+        try:
+            for column in fields:
+                if reader.fieldnames is None or column not in reader.fieldnames:
+                    raise ValueError(f"{path}: no column {column!r} (columns: {reader.fieldnames})")
+            for row in reader:
+                # line_num is the line the record ends on: its own line unless a quoted field spans lines
+                yield reader.reader.line_num, [row[f] for f in fields]
+        except csv.Error as exc:
+            raise ValueError(f"{path}:{reader.reader.line_num}: {exc}") from None
+        return
     for number, line in enumerate(fh, 1):
         if not line.strip():
             continue
@@ -55,9 +56,10 @@ def _jsonl_texts(path: Path, fh: IO[str], field: str) -> Iterator[str]:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             raise ValueError(f"{path}:{number}: not JSON ({exc.msg})") from None
-        if not isinstance(record, dict) or field not in record:
-            raise ValueError(f"{path}:{number}: no field {field!r}")
-        yield record[field]
+        for name in fields:
+            if not isinstance(record, dict) or name not in record:
+                raise ValueError(f"{path}:{number}: no field {name!r}")
+        yield number, [record[f] for f in fields]
 
 
 def count_records(path: Path, fmt: str, field: str = "text") -> int:
@@ -113,39 +115,10 @@ def read_labeled(path: Path, fmt: str, field: str = "text", label_field: str = "
         raise ValueError(f"{path}: a labeled file is .csv or .jsonl, not {fmt!r}")
     try:
         with path.open(encoding="utf-8", newline="") as fh:
-            rows = _csv_labeled(path, fh, field, label_field) if fmt == "csv" else \
-                _jsonl_labeled(path, fh, field, label_field)
-            for number, text, raw in rows:
+            for number, (text, raw) in _records(path, fh, fmt, (field, label_field)):
                 try:
                     yield text, parse_label(raw)
                 except ValueError as exc:
                     raise ValueError(f"{path}:{number}: {exc}") from None
     except UnicodeDecodeError as exc:
         raise ValueError(f"{path}: not UTF-8 text ({exc.reason})") from None
-
-
-def _csv_labeled(path: Path, fh: IO[str], field: str, label_field: str) -> Iterator[tuple[int, str, object]]:
-    reader = csv.DictReader(fh)
-    try:
-        for column in (field, label_field):
-            if reader.fieldnames is None or column not in reader.fieldnames:
-                raise ValueError(f"{path}: no column {column!r} (columns: {reader.fieldnames})")
-        for row in reader:
-            # line_num is the line the record ends on: its own line unless a quoted field spans lines
-            yield reader.line_num, row[field], row[label_field]
-    except csv.Error as exc:
-        raise ValueError(f"{path}:{reader.line_num}: {exc}") from None
-
-
-def _jsonl_labeled(path: Path, fh: IO[str], field: str, label_field: str) -> Iterator[tuple[int, str, object]]:
-    for number, line in enumerate(fh, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{number}: not JSON ({exc.msg})") from None
-        for name in (field, label_field):
-            if not isinstance(record, dict) or name not in record:
-                raise ValueError(f"{path}:{number}: no field {name!r}")
-        yield number, record[field], record[label_field]
