@@ -10,6 +10,8 @@ model cannot have.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 from worker.celery import app
 from worker.registry import ModelRegistry
 from worker.score import Score
@@ -19,13 +21,16 @@ from worker.settings import Settings
 class NullScorer:
     """Scores every text 0.5 at once; has what the registry and the batcher read of a classifier."""
 
+    version = "null"
+    loaded = SimpleNamespace(finish=None)  # nothing left to build after start-up (worker.lifecycle.finish)
+
     def __init__(self, name: str, batch_size: int) -> None:
         self.name = name
         self.batch_size = batch_size
-        self.device = type("Device", (), {"type": "cpu"})()
+        self.device = SimpleNamespace(type="cpu")
 
     def score(self, texts: list[str]) -> list[Score]:
-        return [Score(0.5, False) for _ in texts]
+        return [Score(0.5, False, version=self.version) for _ in texts]
 
 
 def _preload(self: ModelRegistry, settings: Settings) -> None:
