@@ -100,3 +100,12 @@ def test_large_batch_is_split_into_chunks_and_joined_in_input_order(threads_work
     kept = [i for i in range(10) if i != 6]
     assert [batch[i]["spam_score"] for i in kept] == pytest.approx([reference["koelectra"][i] for i in kept], abs=1e-5)
     assert worker.log().count("Task spam.classify_chunk[") >= 3 * 2  # three chunks, received and succeeded
+
+
+def test_the_null_model_worker_of_the_throughput_bench_serves(worker_factory, models):
+    """bench/throughput.py mode (e): the real worker with a scorer that does no model work."""
+    worker = worker_factory(models.env(), pool="threads", concurrency=4, name="null", app="bench.null_model")
+    client = client_for(worker)
+    result = wait_until_serving(worker, client)
+    assert result["spam_score"] == 0.5 and result["model_version"] == "null"
+    client.close()
