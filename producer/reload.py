@@ -63,15 +63,7 @@ def exit_code(outcomes: list[Outcome]) -> int:
 
 
 def _outcome(worker: str, status: dict) -> Outcome:
-    parts, ok = [], True
-    for name, result in sorted(status.get("models", {}).items()):
-        kind = result.get("outcome")
-        if kind == "switched":
-            parts.append(f"{name} {result['old']} -> {result['new']} (prepared in {result['prepare_s']:.1f} s, "
-                         f"every process {result['switch_s']:.1f} s later)")
-        elif kind == "unchanged":
-            parts.append(f"{name} unchanged ({result['new']})")
-        else:
-            ok = False
-            parts.append(f"{name} {kind}, still serving {result.get('old', '?')}: {result.get('error', '')}")
-    return Outcome(worker, "; ".join(parts) or "nothing to reload", ok)
+    """The worker's one line per model (it words them: ``worker/lifecycle.py``), joined."""
+    results = [result for _, result in sorted(status.get("models", {}).items())]
+    ok = all(r.get("outcome") in ("switched", "unchanged") for r in results)
+    return Outcome(worker, "; ".join(r.get("line", str(r)) for r in results) or "nothing to reload", ok)

@@ -40,7 +40,7 @@ from celery.worker.control import control_command
 from worker.errors import ModelLoadError, first_line
 from worker.registry import LOAD_LOCK, load_classifier, registry
 from worker.settings import MODEL_FIELDS, Settings
-from worker.stats import collect, process_stats
+from worker.stats import process_stats, read_figures
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,8 @@ def _run(reload_id: str, names: list[str]) -> None:
         record["done"] = True
         _worker.lock.release()
         for name, outcome in record["models"].items():
-            log.info("reload %s: %s %s", reload_id, name, _describe(outcome))
+            outcome["line"] = _describe(name, outcome)
+            log.info("reload %s: %s", reload_id, outcome["line"])
 
 
 def _prepare(name: str, fresh: Settings, served: set[str]) -> tuple[dict[str, Any], Any]:
@@ -208,7 +209,8 @@ def _wait_for_children(generation: int, versions: dict[str, str], timeout: float
         failures = {pid: f.get("reload_error", "failed") for pid, f in figures.items()
                     if f.get("reload_generation") == generation and f.get("reload_outcome") == "failed"}
         pending = [pid for pid, f in figures.items()
-                   if any(f.get(f"{name}.version") != version for name, version in versions.items())]
+                   if any(f.get("models", {}).get(name, {}).get("version") != version
+                          for name, version in versions.items())]
         if failures or (figures and not pending):
             return failures
         if time.monotonic() > deadline:
@@ -217,25 +219,20 @@ def _wait_for_children(generation: int, versions: dict[str, str], timeout: float
 
 
 def _process_figures() -> dict[int, dict[str, Any]]:
-    """{pid: {key: value}} of the live serving processes, from the files they publish."""
-    by_pid: dict[int, dict[str, Any]] = {}
-    for key, value in collect(_worker.folder, _worker.live_pids()).items():
-        _, pid, rest = key.split(".", 2)
-        by_pid.setdefault(int(pid.removeprefix("pid")), {})[rest] = value
-    return by_pid
+    """{pid: figures} of the live serving processes, from the files they publish."""
+    return read_figures(_worker.folder, _worker.live_pids())
 
 
 def _served_versions() -> dict[str, set[str]]:
     served: dict[str, set[str]] = {}
     for figures in _process_figures().values():
-        for key, value in figures.items():
-            if key.endswith(".version"):
-                served.setdefault(key.split(".")[0], set()).add(value)
+        for name, model in figures.get("models", {}).items():
+            served.setdefault(name, set()).add(model.get("version"))
     return served
 
 
 def _served_dtype(name: str) -> str:
-    dtypes = {f[f"{name}.dtype"] for f in _process_figures().values() if f"{name}.dtype" in f}
+    dtypes = {f["models"][name]["dtype"] for f in _process_figures().values() if name in f.get("models", {})}
     return dtypes.pop() if len(dtypes) == 1 else _worker.settings.torch_dtype
 
 
@@ -244,18 +241,18 @@ def _version_of(name: str, settings: Settings) -> str:
     from worker.loading import plan as planning
     from worker.versions import model_version
 
-    plan = planning.resolve(settings.source(name), settings)
-    return model_version(plan, planning.weight_files(plan.model_id, settings.use_safetensors))
+    return model_version(planning.resolve(settings.source(name), settings), settings.use_safetensors)
 
 
-def _describe(outcome: dict[str, Any]) -> str:
+def _describe(name: str, outcome: dict[str, Any]) -> str:
+    """The outcome as one line, the one ``python -m producer reload`` prints."""
     kind = outcome.get("outcome")
     if kind == "switched":
-        return f"{outcome['old']} -> {outcome['new']} (prepared in {outcome['prepare_s']:.1f}s, served " \
-               f"everywhere {outcome['switch_s']:.1f}s later)"
+        return f"{name} {outcome['old']} -> {outcome['new']} (prepared in {outcome['prepare_s']:.1f} s, " \
+               f"every process {outcome['switch_s']:.1f} s later)"
     if kind == "unchanged":
-        return f"unchanged ({outcome['new']})"
-    return f"{kind}: {outcome.get('error', '')}"
+        return f"{name} unchanged ({outcome['new']})"
+    return f"{name} {kind}, still serving {outcome.get('old', '?')}: {outcome.get('error', '')}"
 
 
 # --- a first start ---------------------------------------------------------------------------------------

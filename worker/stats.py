@@ -206,17 +206,24 @@ def remove_folder(folder: Path) -> None:
 def collect(folder: Path, live_pids: set[int]) -> dict[str, Any]:
     """Flat, readable keys for ``inspect stats``; files of processes that are gone are deleted."""
     info: dict[str, Any] = {}
+    for figures in read_figures(folder, live_pids).values():
+        info.update(flatten(figures))
+    return info
+
+
+def read_figures(folder: Path, live_pids: set[int]) -> dict[int, dict[str, Any]]:
+    """{pid: figures} of the live processes, as they published them; files of dead ones are deleted."""
+    by_pid: dict[int, dict[str, Any]] = {}
     for file in sorted(folder.glob("*.json")):
         pid = int(file.stem)
         if pid not in live_pids:
             file.unlink(missing_ok=True)
             continue
         try:
-            figures = json.loads(file.read_text())
+            by_pid[pid] = json.loads(file.read_text())
         except (OSError, ValueError):
             continue
-        info.update(flatten(figures))
-    return info
+    return by_pid
 
 
 def flatten(figures: dict[str, Any]) -> dict[str, Any]:

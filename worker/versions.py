@@ -27,8 +27,11 @@ _HEADER_LIMIT = 100 * 2**20  # safetensors caps its JSON header at 100 MB
 LENGTH = 12
 
 
-def model_version(plan: LoadPlan, base_files: list[Path]) -> str:
-    """The version of ``plan``'s model whose base checkpoint is ``base_files`` (its weight files)."""
+def model_version(plan: LoadPlan, use_safetensors: bool) -> str:
+    """The version of ``plan``'s model, from its base checkpoint's weight files, adapter and prompt."""
+    from worker.loading.plan import weight_files
+
+    base_files = weight_files(plan.model_id, use_safetensors)
     h = hashlib.sha256()
     config = Path(plan.model_id) / "config.json"
     h.update(config.read_bytes() if config.is_file() else plan.model_id.encode())
