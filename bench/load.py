@@ -154,7 +154,7 @@ def child(mode: str, model: str, base: str, adapter: str, snapshots: str, classi
         files = [Path(f) for f in base.split(os.pathsep)]
         start = time.perf_counter()
         if mode == "floor-mmap":
-            from worker.prefetch import read_into_cache
+            from worker.lifecycle.prefetch import read_into_cache
 
             read_into_cache(files)
             return {"load_s": time.perf_counter() - start, "bytes": sum(f.stat().st_size for f in files),
@@ -200,7 +200,7 @@ def child(mode: str, model: str, base: str, adapter: str, snapshots: str, classi
         classify_s = time.perf_counter() - start
         source, stages = "checkpoint", {}
     else:  # as the worker does: read the weights while the libraries import (before the fork, for prefork)
-        from worker import prefetch
+        from worker.lifecycle import prefetch
         from worker.settings import Settings
 
         settings = Settings.from_env({
@@ -210,11 +210,11 @@ def child(mode: str, model: str, base: str, adapter: str, snapshots: str, classi
             "PREFETCH_WEIGHTS": os.environ.get("PREFETCH_WEIGHTS", "true")}, dotenv=False)
         if settings.prefetch_weights:
             prefetch.start(settings)
-        from worker.startup import import_libraries
+        from worker.lifecycle.startup import import_libraries
 
         import_libraries(settings)
-        from worker.classifiers import SpamClassifier
         from worker.loading import get_loader
+        from worker.serving.classifiers import SpamClassifier
 
         import_s = time.perf_counter() - t_import
         start = time.perf_counter()
@@ -242,7 +242,7 @@ def child(mode: str, model: str, base: str, adapter: str, snapshots: str, classi
 
 
 def _prompt(tokenizer) -> str:
-    from worker.prompt import BUILT_IN
+    from worker.serving.prompt import BUILT_IN
 
     return BUILT_IN.render(tokenizer, TEXT)
 

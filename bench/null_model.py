@@ -13,8 +13,8 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 from worker.celery import app
-from worker.registry import ModelRegistry
-from worker.score import Score
+from worker.lifecycle.registry import ModelRegistry
+from worker.serving.score import Score
 from worker.settings import Settings
 
 

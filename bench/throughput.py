@@ -68,8 +68,8 @@ def ceiling(env: dict[str, str], model: str, texts: list[str], batch: int) -> di
     os.environ.update(env)
     import torch
 
-    from worker.classifiers import SpamClassifier
     from worker.loading import get_loader
+    from worker.serving.classifiers import SpamClassifier
     from worker.settings import Settings
 
     settings = Settings.from_env(dotenv=False)

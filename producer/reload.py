@@ -1,7 +1,7 @@
 """``python -m producer reload``: roll the fleet onto the model files its settings name now.
 
 Each worker answers the ``reload_models`` remote control command at once with a reload id, then
-prepares and switches in the background (``worker/lifecycle.py``); this polls ``reload_status``
+prepares and switches in the background (``worker/lifecycle/reload.py``); this polls ``reload_status``
 until every worker has an outcome for each model. Needs only the broker.
 """
 
@@ -63,7 +63,7 @@ def exit_code(outcomes: list[Outcome]) -> int:
 
 
 def _outcome(worker: str, status: dict) -> Outcome:
-    """The worker's one line per model (it words them: ``worker/lifecycle.py``), joined."""
+    """The worker's one line per model (it words them: ``worker/lifecycle/reload.py``), joined."""
     results = [result for _, result in sorted(status.get("models", {}).items())]
     ok = all(r.get("outcome") in ("switched", "unchanged") for r in results)
     return Outcome(worker, "; ".join(r.get("line", str(r)) for r in results) or "nothing to reload", ok)

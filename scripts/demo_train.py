@@ -9,7 +9,7 @@ figures printed here mean nothing about real spam.
 
 - KoELECTRA: a ``SEQ_CLS`` adapter, ``id2label`` {0: ham, 1: spam} in the adapter's ``config.json``.
 - EXAONE: a ``CAUSAL_LM`` adapter trained on its prompt contract (``spam_prompt.json``, read back
-  through ``worker.prompt`` so training and serving build the same prompt): Korean labels of two
+  through ``worker.serving.prompt`` so training and serving build the same prompt): Korean labels of two
   tokens sharing the first, teacher-forced loss on the label tokens only. Trained on the native
   Llama layout and saved with EXAONE's remote-code names, as one trained on the published model is.
 
@@ -34,8 +34,8 @@ import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from tests import factories  # noqa: E402
-from worker import prompt  # noqa: E402
 from worker.loading import exaone_layout  # noqa: E402
+from worker.serving import prompt  # noqa: E402
 
 SEED = 0
 THREADS = 2

@@ -32,9 +32,9 @@ from producer.contract import (
 )
 from tasks.validation import check_model, check_text, check_texts
 from worker.celery import app, settings
-from worker.registry import registry
-from worker.score import Score
-from worker.stats import TaskRecord, process_stats
+from worker.lifecycle.registry import registry
+from worker.serving.score import Score
+from worker.telemetry.stats import TaskRecord, process_stats
 
 _ERRORS = (InvalidInput, ModelUnavailable, ClassificationFailed, SoftTimeLimitExceeded)
 _MAX_FORWARDS = 3  # a task bounced between workers more often than this has nowhere to go

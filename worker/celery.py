@@ -23,6 +23,6 @@ except SettingsError as exc:
 app = Celery("spam", include=["tasks.spam"])
 app.conf.update(celery_config(settings))
 
-from worker import startup  # noqa: E402  (registers the start-up hooks on this app)
+from worker.lifecycle import startup  # noqa: E402  (registers the start-up hooks on this app)
 
 startup.install(app, settings)

@@ -52,7 +52,7 @@ class Settings:
     exaone_model: str = "LGAI-EXAONE/EXAONE-3.5-2.4B-Instruct"
     exaone_adapter_dir: str = "artifacts/exaone/spam_adapter"
     exaone_prompt_file: str = ""
-    """The prompt contract of a ``CAUSAL_LM`` EXAONE adapter (:mod:`worker.prompt`); empty means the
+    """The prompt contract of a ``CAUSAL_LM`` EXAONE adapter (:mod:`worker.serving.prompt`); empty means the
     adapter folder's ``spam_prompt.json`` if there is one, else the built-in prompt."""
     preload_models: tuple[str, ...] = MODEL_NAMES
     """Models each worker process loads at start: a comma list of ``koelectra``, ``exaone``."""

@@ -7,10 +7,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from worker.classifiers import SpamClassifier
 from worker.loading import get_loader
+from worker.serving.classifiers import SpamClassifier
 from worker.settings import ModelSource, Settings
-from worker.stats import memory_mb
+from worker.telemetry.stats import memory_mb
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -10,7 +10,7 @@ import pytest
 from tests.integration.helpers import client_for, wait_until_serving
 from tests.prompt_reference import KOREAN, direct_scores
 from worker.loading import get_loader
-from worker.prompt import FILE_NAME
+from worker.serving.prompt import FILE_NAME
 from worker.settings import ModelSource, Settings
 
 pytestmark = pytest.mark.integration

@@ -20,8 +20,8 @@ from tests.conftest import ROOT, free_port
 from tests.integration.helpers import client_for, wait_until_serving
 from tests.integration.test_stats import _metrics
 from tests.prompt_reference import KOREAN
-from worker.prompt import FILE_NAME
-from worker.registry import load_classifier
+from worker.lifecycle.registry import load_classifier
+from worker.serving.prompt import FILE_NAME
 from worker.settings import Settings
 
 pytestmark = pytest.mark.integration

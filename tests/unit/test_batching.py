@@ -8,8 +8,8 @@ import time
 import pytest
 from celery.exceptions import SoftTimeLimitExceeded
 
-from worker.batching import Batcher
-from worker.score import Score
+from worker.serving.batching import Batcher
+from worker.serving.score import Score
 
 
 class SlowScorer:

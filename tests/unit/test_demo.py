@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from tests import factories
-from worker.classifiers import SpamClassifier
 from worker.loading import get_loader
-from worker.prompt import FILE_NAME, find_contract
+from worker.serving.classifiers import SpamClassifier
+from worker.serving.prompt import FILE_NAME, find_contract
 from worker.settings import ModelSource, Settings
 
 ROOT = Path(__file__).resolve().parents[2]

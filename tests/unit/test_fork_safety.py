@@ -38,10 +38,11 @@ from worker.celery import app
 # our Preload step included (weights prefetch, the libraries' and the models' code imports).
 worker = app.WorkController(pool_cls="prefork", concurrency=2, without_mingle=True, without_gossip=True,
                             hostname="replay@test", loglevel="WARNING")
-from worker import stats, startup
+from worker.lifecycle import startup
+from worker.telemetry import stats
 stats.remove_folder(startup._Shared.stats_folder)  # what the worker's shutdown would do
 print(json.dumps({"calls": calls, "nvml": __import__("os").environ.get("PYTORCH_NVML_BASED_CUDA_CHECK"),
-                  "imported": sorted(m for m in ("bitsandbytes", "peft", "transformers", "worker.classifiers")
+                  "imported": sorted(m for m in ("bitsandbytes", "peft", "transformers", "worker.serving.classifiers")
                                      if m in sys.modules)}))
 """
 

@@ -12,10 +12,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tests import factories
-from worker.classifiers import SpamClassifier
 from worker.errors import ModelLoadError
 from worker.loading import get_loader
 from worker.loading.plan import PROMPT, SEQUENCE
+from worker.serving.classifiers import SpamClassifier
 from worker.settings import ModelSource, Settings
 
 SETTINGS = Settings.from_env({"DEVICE": "cpu", "TORCH_DTYPE": "float32", "MODEL_LOADER": "transformers"},

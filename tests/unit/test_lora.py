@@ -7,13 +7,13 @@ import shutil
 
 import pytest
 
-from worker.classifiers import SpamClassifier
 from worker.errors import ModelLoadError
 from worker.loading import lora
 from worker.loading import plan as planning
 from worker.loading.adapters import attach_adapter
 from worker.loading.base import LoadedModel, load_base
 from worker.loading.devices import Placement
+from worker.serving.classifiers import SpamClassifier
 from worker.settings import ModelSource, Settings
 
 SETTINGS = Settings.from_env({"DEVICE": "cpu", "TORCH_DTYPE": "float32"}, dotenv=False)

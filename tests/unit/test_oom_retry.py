@@ -9,8 +9,8 @@ import weakref
 import pytest
 import torch
 
-from worker.classifiers import SpamClassifier
 from worker.loading import get_loader
+from worker.serving.classifiers import SpamClassifier
 from worker.settings import ModelSource, Settings
 
 

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from worker import prefetch
+from worker.lifecycle import prefetch
 from worker.settings import Settings
 
 

@@ -13,10 +13,10 @@ from transformers import AutoTokenizer
 
 from tests import factories
 from tests.prompt_reference import KOREAN, direct_scores
-from worker.classifiers import SpamClassifier, plan_passes
 from worker.errors import ModelLoadError
 from worker.loading import get_loader
-from worker.prompt import BUILT_IN, FILE_NAME, PromptFileError, find_contract, load_contract
+from worker.serving.classifiers import SpamClassifier, plan_passes
+from worker.serving.prompt import BUILT_IN, FILE_NAME, PromptFileError, find_contract, load_contract
 from worker.settings import ModelSource, Settings
 
 SETTINGS = Settings.from_env({"DEVICE": "cpu", "TORCH_DTYPE": "float32", "MODEL_LOADER": "transformers"},

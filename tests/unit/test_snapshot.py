@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from tests import factories
-from worker.classifiers import SpamClassifier
 from worker.loading import get_loader
 from worker.loading.snapshot_loader import MANIFEST
+from worker.serving.classifiers import SpamClassifier
 from worker.settings import ModelSource, Settings
 
 TEXTS = ["무료 쿠폰 당첨! 지금 바로 링크를 클릭하세요", "내일 회의는 오후 3시에 시작합니다", "a"]

@@ -12,7 +12,7 @@ import gc, json, sys
 from worker.settings import Settings
 if sys.argv[1] == "disabled":
     gc.disable()
-from worker.startup import import_libraries
+from worker.lifecycle.startup import import_libraries
 import_libraries(Settings.from_env({"PRELOAD_MODELS": "koelectra", "KOELECTRA_MODEL": sys.argv[2]}, dotenv=False))
 print(json.dumps({"enabled": gc.isenabled(), "frozen": gc.get_freeze_count(),
                   "modeling": "transformers.models.electra.modeling_electra" in sys.modules}))

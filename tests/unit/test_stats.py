@@ -7,7 +7,7 @@ import os
 import pytest
 
 from producer.stats_table import render, rows
-from worker.stats import ProcessStats, collect, flatten, memory_mb
+from worker.telemetry.stats import ProcessStats, collect, flatten, memory_mb
 
 
 def test_task_figures_and_percentiles():

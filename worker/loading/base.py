@@ -20,11 +20,11 @@ import torch
 from safetensors import SafetensorError
 
 from worker.errors import ModelLoadError, first_line
+from worker.lifecycle.versions import model_version
 from worker.loading import plan as planning
 from worker.loading.adapters import attach_adapter, check_fits
 from worker.loading.devices import Placement
 from worker.settings import ModelSource, Settings
-from worker.versions import model_version
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class LoadedModel:
     """Work this load deferred so the model could serve sooner (building its snapshot); run it, then
     load again to serve from what it prepared."""
     version: str = ""
-    """``model_version`` (:mod:`worker.versions`): the same files give the same id everywhere."""
+    """``model_version`` (:mod:`worker.lifecycle.versions`): the same files give the same id everywhere."""
 
     @property
     def head(self) -> str:

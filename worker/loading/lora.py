@@ -5,7 +5,7 @@ adapted weight, gigabytes of fresh memory (about 10 s per 4.8 GB on the 2-core V
 on), and then its snapshot file. Wrapping the adapted layers of the converted base instead, which
 is memory-mapped from its snapshot and shared by every process, costs only the adapter's own
 megabytes, and needs no PEFT import in a process that never had one. The merged snapshot is built
-in the background and served once written (``worker.lifecycle``).
+in the background and served once written (``worker.lifecycle.reload``).
 
 Only plain LoRA is served this way (one adapter on ``nn.Linear`` layers: no DoRA, no LoRA bias, no
 rank or alpha patterns, no fan-in-fan-out, no layer selection); any other adapter is merged first.

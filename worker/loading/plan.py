@@ -18,7 +18,7 @@ from transformers import AutoConfig, AutoTokenizer, PreTrainedConfig
 from worker.errors import ModelLoadError
 from worker.loading import exaone_layout
 from worker.loading.adapters import Adapter, read_adapter
-from worker.prompt import PromptContract, PromptFileError, find_contract
+from worker.serving.prompt import PromptContract, PromptFileError, find_contract
 from worker.settings import ModelSource, Settings
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ class LoadPlan:
     spam_index: int
     trust_remote_code: bool
     prompt: PromptContract | None = None
-    """The prompt and label words of a ``PROMPT`` head (:mod:`worker.prompt`)."""
+    """The prompt and label words of a ``PROMPT`` head (:mod:`worker.serving.prompt`)."""
 
     @property
     def model_class(self) -> type:

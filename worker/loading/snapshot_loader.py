@@ -34,8 +34,8 @@ import torch
 from filelock import FileLock, Timeout
 from safetensors import SafetensorError, safe_open
 
-from worker import prefetch
 from worker.errors import ModelLoadError
+from worker.lifecycle import prefetch
 from worker.loading import lora
 from worker.loading.adapters import attach_adapter, merge_and_unload
 from worker.loading.base import BaseLoader, LoadedWeights, StageTimer, checkpoint_files, load_adapted, load_base

@@ -2,7 +2,7 @@
 
 Two heads: a sequence-classification head (KoELECTRA, or EXAONE with a ``SEQ_CLS`` adapter) and
 an instruction prompt on a causal LM (EXAONE with a ``CAUSAL_LM`` adapter, or zero-shot), read the
-way its adapter was trained (:mod:`worker.prompt`): the score compares the probabilities of the
+way its adapter was trained (:mod:`worker.serving.prompt`): the score compares the probabilities of the
 whole spam and ham label words, teacher-forced after the prompt, in one or two forward passes and
 no generation. Decoder inputs are right-padded and read at each text's real positions, so a text
 gets the same positions, and so the same score, alone or in a batch.
@@ -16,8 +16,8 @@ import torch
 
 from worker.loading.base import LoadedModel
 from worker.loading.plan import PROMPT
-from worker.prompt import BUILT_IN
-from worker.score import Score
+from worker.serving.prompt import BUILT_IN
+from worker.serving.score import Score
 
 log = logging.getLogger(__name__)
 

@@ -12,14 +12,14 @@ import time
 from typing import TYPE_CHECKING
 
 from producer.contract import ModelUnavailable
-from worker import time_limits
 from worker.errors import ModelLoadError
-from worker.stats import process_stats
+from worker.serving import time_limits
+from worker.telemetry.stats import process_stats
 
 if TYPE_CHECKING:
-    from worker.batching import Batcher
-    from worker.classifiers import SpamClassifier
-    from worker.score import Score
+    from worker.serving.batching import Batcher
+    from worker.serving.classifiers import SpamClassifier
+    from worker.serving.score import Score
     from worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ class ModelRegistry:
         share forward passes, and a task past its deadline stops waiting)."""
         from celery.worker import state
 
-        from worker.batching import Batcher
+        from worker.serving.batching import Batcher
 
         for name, classifier in self._models.items():
             self._batchers[name] = Batcher(classifier, classifier.batch_size, max_wait_s,
@@ -85,8 +85,8 @@ def load_classifier(name: str, settings: Settings, **serve: bool) -> SpamClassif
     """``name`` loaded completely, as ``settings`` say, and warmed up; or ``ModelLoadError``. ``serve``:
     the snapshot loader's options to serve before its snapshot is built (then ``loaded.finish``
     builds it: see :func:`worker.lifecycle.finish`)."""
-    from worker.classifiers import SpamClassifier
     from worker.loading import get_loader
+    from worker.serving.classifiers import SpamClassifier
 
     options = serve if settings.model_loader == "snapshot" else {}
     with LOAD_LOCK:

@@ -7,7 +7,7 @@ pass runs, new texts queue up for the next one, so batches grow with the load by
 batcher waits up to ``max_wait_s`` for more only while other tasks of this process are still on
 their way to it, so a lone message never waits. Every message stays an ordinary Celery task.
 
-A caller may give a deadline (:mod:`worker.time_limits`): past it, it stops waiting, its texts not
+A caller may give a deadline (:mod:`worker.serving.time_limits`): past it, it stops waiting, its texts not
 yet in a pass are dropped, and it raises ``SoftTimeLimitExceeded``; the batcher thread goes on.
 """
 
@@ -24,7 +24,7 @@ from typing import Protocol
 
 from celery.exceptions import SoftTimeLimitExceeded
 
-from worker.score import Score
+from worker.serving.score import Score
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@
   the main process before the fork, so children start with them in shared memory.
 - solo, threads (and other non-forking pools): the main process loads them while the worker is
   being built, before the consumer exists (``worker_process_init`` never fires for threads).
-  With more than one thread, concurrent tasks share forward passes (:mod:`worker.batching`).
+  With more than one thread, concurrent tasks share forward passes (:mod:`worker.serving.batching`).
 
 Celery logs and swallows exceptions from ``worker_process_init``, so a child whose load failed
 would serve with no model, and a child that exits is respawned forever. Instead the child records
@@ -33,10 +33,12 @@ from celery.exceptions import WorkerShutdown
 from celery.signals import worker_process_init
 from celery.worker import state
 
-from worker import lifecycle, metrics, prefetch, stats, time_limits
 from worker.errors import ModelLoadError, first_line
-from worker.registry import registry
+from worker.lifecycle import prefetch, reload
+from worker.lifecycle.registry import registry
+from worker.serving import time_limits
 from worker.settings import Settings
+from worker.telemetry import metrics, stats
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +74,7 @@ def install(app, settings: Settings) -> None:
             if settings.metrics_port:
                 _Shared.metrics_folder = metrics.enable()
             _Shared.forks = worker.pool_cls.__module__ == "celery.concurrency.prefork"
-            lifecycle.install(settings, _Shared.forks, _Shared.stats_folder, lambda: _live_pids(worker))
+            reload.install(settings, _Shared.forks, _Shared.stats_folder, lambda: _live_pids(worker))
             if settings.prefetch_weights:
                 prefetch.start(settings)  # reads the weights while the next line imports torch
             import_libraries(settings)
@@ -90,7 +92,7 @@ def install(app, settings: Settings) -> None:
                 registry.enable_batching(settings.batch_wait_ms / 1000)
                 time_limits.install(settings.task_time_limit_s)
                 stats.process_stats.attach(_Shared.stats_folder, "main")
-                lifecycle.finish(settings)
+                reload.finish(settings)
 
         def start(self, worker):
             if settings.metrics_port:
@@ -123,12 +125,12 @@ def install(app, settings: Settings) -> None:
         import torch
 
         torch.set_num_threads(_Shared.threads)
-        current = lifecycle.current_settings(settings)  # a child forked after a reload loads its version
+        current = reload.current_settings(settings)  # a child forked after a reload loads its version
         try:
             registry.preload(current)
             stats.process_stats.attach(_Shared.stats_folder, f"child{current_process().index}")
-            lifecycle.watch(current)
-            lifecycle.finish(current)
+            reload.watch(current)
+            reload.finish(current)
             with _Shared.loaded.get_lock():
                 _Shared.loaded.value += 1
         except Exception as exc:  # noqa: BLE001 - every cause must stop the worker, not a swallowed log

@@ -25,7 +25,7 @@ from pathlib import Path
 from statistics import quantiles
 from typing import TYPE_CHECKING, Any
 
-from worker import metrics
+from worker.telemetry import metrics
 
 if TYPE_CHECKING:
     from worker.loading.base import LoadedModel

@@ -38,9 +38,9 @@ from typing import Any
 from celery.worker.control import control_command
 
 from worker.errors import ModelLoadError, first_line
-from worker.registry import LOAD_LOCK, load_classifier, registry
+from worker.lifecycle.registry import LOAD_LOCK, load_classifier, registry
 from worker.settings import MODEL_FIELDS, Settings
-from worker.stats import process_stats, read_figures
+from worker.telemetry.stats import process_stats, read_figures
 
 log = logging.getLogger(__name__)
 
@@ -238,8 +238,8 @@ def _served_dtype(name: str) -> str:
 
 def _version_of(name: str, settings: Settings) -> str:
     """The ``model_version`` a load with ``settings`` would give, from its small files alone."""
+    from worker.lifecycle.versions import model_version
     from worker.loading import plan as planning
-    from worker.versions import model_version
 
     return model_version(planning.resolve(settings.source(name), settings), settings.use_safetensors)
 
