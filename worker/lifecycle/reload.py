@@ -38,6 +38,7 @@ from typing import Any
 from celery.worker.control import control_command
 
 from worker.errors import ModelLoadError, first_line
+from worker.lifecycle import builds
 from worker.lifecycle.registry import LOAD_LOCK, load_classifier, registry
 from worker.settings import MODEL_FIELDS, Settings
 from worker.telemetry.stats import process_stats, read_figures
@@ -47,7 +48,7 @@ log = logging.getLogger(__name__)
 _POLL_S = 0.2
 _UNMERGED = {"serve_unmerged": True}
 """How a reload loads (where the strategy can): the new adapter over the converted base until its
-merged snapshot is built, then the snapshot (:func:`finish`)."""
+merged snapshot is built, then the snapshot (:func:`worker.lifecycle.builds.finish`)."""
 _SOURCES = "reload-sources"  # not *.json: those are the processes' figures
 
 
@@ -191,7 +192,7 @@ def _switch(fresh: Settings, prepared: dict[str, Any], outcomes: dict[str, dict[
         for name, classifier in prepared.items():
             registry.swap(name, classifier)
         process_stats.record_reload(0, "switched", time.perf_counter() - start)
-        finish(_worker.settings)
+        builds.finish(_worker.settings)
         failures = {}
     seconds = round(time.perf_counter() - start, 3)
     for outcome in (outcomes[n] for n in prepared):
@@ -255,33 +256,6 @@ def _describe(name: str, outcome: dict[str, Any]) -> str:
     return f"{name} {kind}, still serving {outcome.get('old', '?')}: {outcome.get('error', '')}"
 
 
-# --- a first start ---------------------------------------------------------------------------------------
-
-
-def finish(settings: Settings) -> None:
-    """In a serving process after its load: build the snapshots its first start deferred (it serves
-    from the checkpoint meanwhile), then switch to them, memory-mapped and shared. A reload that
-    switched the model in the meantime wins: its version is not replaced."""
-    for name in settings.preload_models:
-        if registry.has(name) and registry.get(name).loaded.finish is not None:
-            threading.Thread(target=_finish, args=(name, settings), name=f"snapshot-{name}", daemon=True).start()
-
-
-def _finish(name: str, settings: Settings) -> None:
-    started = registry.get(name)
-    start = time.perf_counter()
-    try:
-        with LOAD_LOCK:
-            started.loaded.finish()
-        classifier = load_classifier(name, settings)
-    except Exception as exc:  # noqa: BLE001 - it keeps serving from the checkpoint
-        log.error("%s: the snapshot could not be built; serving from the checkpoint: %s", name, first_line(exc))
-        return
-    if registry.get(name) is started:
-        registry.swap(name, classifier)
-        log.info("%s now serves from its snapshot, built in %.1fs", name, time.perf_counter() - start)
-
-
 # --- a prefork child ------------------------------------------------------------------------------------
 
 
@@ -313,4 +287,4 @@ def _follow(settings: Settings, seen: int) -> None:
             process_stats.record_reload(generation, "failed", time.perf_counter() - start, line)
             continue
         process_stats.record_reload(generation, "switched", time.perf_counter() - start)
-        finish(settings)
+        builds.finish(settings)

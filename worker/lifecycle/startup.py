@@ -34,7 +34,7 @@ from celery.signals import worker_process_init
 from celery.worker import state
 
 from worker.errors import ModelLoadError, first_line
-from worker.lifecycle import prefetch, reload
+from worker.lifecycle import builds, prefetch, reload
 from worker.lifecycle.registry import registry
 from worker.serving import time_limits
 from worker.settings import Settings
@@ -92,7 +92,7 @@ def install(app, settings: Settings) -> None:
                 registry.enable_batching(settings.batch_wait_ms / 1000)
                 time_limits.install(settings.task_time_limit_s)
                 stats.process_stats.attach(_Shared.stats_folder, "main")
-                reload.finish(settings)
+                builds.finish(settings)
 
         def start(self, worker):
             if settings.metrics_port:
@@ -130,7 +130,7 @@ def install(app, settings: Settings) -> None:
             registry.preload(current)
             stats.process_stats.attach(_Shared.stats_folder, f"child{current_process().index}")
             reload.watch(current)
-            reload.finish(current)
+            builds.finish(current)
             with _Shared.loaded.get_lock():
                 _Shared.loaded.value += 1
         except Exception as exc:  # noqa: BLE001 - every cause must stop the worker, not a swallowed log
