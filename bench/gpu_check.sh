@@ -79,8 +79,9 @@ if [ -n "$kit" ]; then
   site=$root/.cache/gpukit-site
   rm -rf "$site"
   # Never the network: no index, no configuration (this machine's may name other sources), no deps.
-  step "install the kit (offline)" 45 env PIP_CONFIG_FILE=/dev/null "$py" -m pip install -q --no-index --no-deps \
-    --no-compile --no-cache-dir --disable-pip-version-check --root-user-action=ignore --target "$site" "$kit"/wheels/*.whl
+  step "install the kit (offline)" 45 bash -c 'PIP_CONFIG_FILE=/dev/null "$0" -m pip install -q --no-index --no-deps \
+    --no-compile --no-cache-dir --disable-pip-version-check --root-user-action=ignore --target "$1" "${@:2}" &&
+    echo "$(($# - 1)) wheels installed: ready in $1"' "$py" "$site" "$kit"/wheels/*.whl
   export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" PATH="$(cd "$kit" && pwd)/bin:$PATH"
   echo "python: $py; PYTHONPATH=$PYTHONPATH; redis-server: $(command -v redis-server)"
 else

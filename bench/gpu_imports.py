@@ -88,9 +88,9 @@ def main() -> int:
             own += 1
             if error := _import(info.name, set()):
                 failures.append(f"gpu_imports: FAILED {info.name}: {error}")
-    print(f"gpu_imports: Python {sys.version.split()[0]}; {len(found) + len(RUNTIME_ONLY)} third-party modules "
-          f"and {own} modules of {', '.join(PACKAGES)}: {len(failures)} failed")
     print("gpu_imports: " + ", ".join(_origin(p) for p in SHOWN))
+    print(f"gpu_imports: Python {sys.version.split()[0]}: {len(found) + len(RUNTIME_ONLY)} third-party modules, "
+          f"{own} of {', '.join(PACKAGES)}: {len(failures)} failed")
     for line in failures:
         print(line, file=sys.stderr)
     return 1 if failures else 0
