@@ -74,7 +74,7 @@ step() {  # step NAME LIMIT_S COMMAND...: run it under a time limit, remember it
 }
 
 main() {
-echo "$label $stamp on $(hostname), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+echo "$label $stamp on ${HOSTNAME:-?}, commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
 if [ -n "$kit" ]; then
   site=$root/.cache/gpukit-site
   rm -rf "$site"
