@@ -19,7 +19,8 @@
 # those report "skipped: no GPU" and a CPU worker answers through the redis-server instead.
 # It ends with one summary table; the output goes to docs/gpu-check-<date>.txt (--rehearse:
 # .cache/gpu-rehearsal/; GPU_CHECK_LOG_DIR: elsewhere), and the log and the summary to $OUT when set.
-# Extra arguments go to the CUDA tests' pytest. Exit 1 when a step failed or ran out of time.
+# Extra arguments go to the CUDA tests' pytest; GPU_CHECK_BENCHES=0 leaves out the two benches (a retry
+# that must fit what is left of the device time). Exit 1 when a step failed or ran out of time.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 root=$(pwd)
@@ -106,9 +107,14 @@ if [ $gpu = 1 ]; then
   step "CUDA tests + CUDA workers via Redis" 150 "$py" -m pytest -q -rs -p no:cacheprovider \
     tests/gpu tests/unit/test_devices.py tests/unit/test_fork_safety.py tests/unit/test_oom_retry.py \
     "tests/unit/test_snapshot.py::test_quantized_snapshot_holds_the_quantized_weights" "$@"
-  step "bench/load.py --device cuda" 95 "$py" bench/load.py --device cuda --children 1 --only exaone
-  step "bench/throughput.py cuda exaone a,b,d" 105 "$py" bench/throughput.py --device cuda --model exaone \
-    --modes ab --messages 1000
+  if [ "${GPU_CHECK_BENCHES:-1}" = 1 ]; then
+    step "bench/load.py --device cuda" 95 "$py" bench/load.py --device cuda --children 1 --only exaone
+    step "bench/throughput.py cuda exaone a,b,d" 105 "$py" bench/throughput.py --device cuda --model exaone \
+      --modes ab --messages 1000
+  else
+    row "bench/load.py --device cuda" "skipped" "-" "GPU_CHECK_BENCHES=0"
+    row "bench/throughput.py cuda exaone a,b,d" "skipped" "-" "GPU_CHECK_BENCHES=0"
+  fi
 else
   if [ $redis = 1 ]; then
     step "a CPU worker answers via Redis" 150 "$py" -m pytest -q -p no:cacheprovider tests/integration/test_service.py \
