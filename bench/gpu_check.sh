@@ -94,6 +94,10 @@ step "what torch sees" 25 bash -c 'if command -v nvidia-smi >/dev/null; then
     torch.version.cuda, \"gpus\", [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())])"' "$py"
 gpu=0
 grep -q "gpus \['" "$step_out" && gpu=1
+if [ $gpu = 0 ] && grep -q "^NVIDIA" "$step_out"; then  # nvidia-smi lists a GPU that torch cannot use
+  failed=$((failed + 1))
+  summary[-1]=$(printf '%-38s %-16s %5s  %s' "what torch sees" "FAILED" "-" "nvidia-smi lists a GPU, torch sees none")
+fi
 step "imports of workers, tests, benches" 45 "$py" bench/gpu_imports.py
 step "redis-server" 15 "$py" bench/gpu_redis.py
 redis=1
