@@ -161,6 +161,7 @@ def test_a_version_that_cannot_load_is_refused_and_the_old_one_serves(worker_fac
     worker = worker_factory(env, pool="prefork", concurrency=2, name=f"refuse-{case}")
     client = client_for(worker)
     wait_until_serving(worker, client)
+    wait_for_snapshots(client, 2)  # the first start served from the checkpoint until its snapshot was built
     before = served(client)
     scores = [r["spam_score"] for r in client.submit_batch(TEXTS, model="exaone").get(timeout=60)]
 
