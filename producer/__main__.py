@@ -16,9 +16,10 @@ Every error is one line on stderr, ``producer <command>: <what went wrong>``, an
     4    no result within --timeout
     130  interrupted (Ctrl-C)
 
-``reload`` keeps the exit codes of the rollout it reports: 0 every worker switched or was unchanged,
-1 a worker refused the new version (and keeps serving the old one), 2 a worker did not answer within
---timeout (or none answered); 3 as above.
+``reload`` keeps the exit codes of the rollout it reports: 0 every worker switched, was unchanged or
+was skipped (it does not load that model), 1 a worker refused the new version (every process keeps
+serving the old one) or no worker loads the model, 2 a worker did not answer within --timeout (or none
+answered); 3 as above.
 """
 
 from __future__ import annotations

@@ -22,6 +22,8 @@ class Outcome:
     line: str
     ok: bool
     answered: bool = True
+    skipped: bool = False
+    """The worker does not load the model asked for (a per-model fleet): nothing to do there."""
 
 
 def reload_fleet(app: Celery, model: str = "all", destination: list[str] | None = None,
@@ -37,6 +39,8 @@ def reload_fleet(app: Celery, model: str = "all", destination: list[str] | None 
         for worker, answer in reply.items():
             if "reload" in answer:
                 started[worker] = answer["reload"]
+            elif "skipped" in answer:
+                outcomes.append(Outcome(worker, f"skipped: {answer['skipped']}", ok=True, skipped=True))
             else:
                 outcomes.append(Outcome(worker, f"refused: {answer.get('error', answer)}", ok=False))
     outcomes += [Outcome(w, "did not answer", ok=False, answered=False)
@@ -59,6 +63,8 @@ def reload_fleet(app: Celery, model: str = "all", destination: list[str] | None 
 def exit_code(outcomes: list[Outcome]) -> int:
     if not outcomes or any(not o.answered for o in outcomes):
         return EXIT_TIMEOUT
+    if all(o.skipped for o in outcomes):
+        return EXIT_REFUSED  # no worker loads that model: nothing was rolled out
     return EXIT_OK if all(o.ok for o in outcomes) else EXIT_REFUSED
 
 

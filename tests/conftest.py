@@ -130,15 +130,18 @@ class WorkerProcess:
 
 def start_worker(env_vars: dict[str, str], broker_url: str, backend_url: str, log_path: Path,
                  pool: str = "prefork", concurrency: int = 2, args: tuple[str, ...] = (),
-                 app: str = "worker") -> WorkerProcess:
+                 app: str = "worker", cwd: Path = ROOT) -> WorkerProcess:
+    """``cwd``: where the worker runs (and reads ``.env``); the project stays importable from there."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CELERY_", "KOELECTRA_", "EXAONE_"))}
+    if cwd != ROOT:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     env.update(env_vars)
     env.update({"CELERY_BROKER_URL": broker_url, "CELERY_RESULT_BACKEND": backend_url, "TORCH_THREADS": "1",
                 "PYTHONUNBUFFERED": "1"})
     cmd = [sys.executable, "-m", "celery", "-A", app, "worker", f"--pool={pool}", f"--concurrency={concurrency}",
            "--loglevel=INFO", "--without-mingle", "--without-gossip", "-n", f"{pool}-{log_path.stem}@%h", *args]
     log = log_path.open("w")
-    process = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
     return WorkerProcess(process, log_path, broker_url, backend_url)
 
 
@@ -148,11 +151,12 @@ def worker_factory(redis_server: RedisServer, tmp_path: Path) -> Iterator:
     started: list[WorkerProcess] = []
 
     def start(env_vars: dict[str, str], pool: str = "prefork", concurrency: int = 2, name: str = "worker",
-              urls: tuple[str, str] | None = None, args: tuple[str, ...] = (), app: str = "worker") -> WorkerProcess:
+              urls: tuple[str, str] | None = None, args: tuple[str, ...] = (), app: str = "worker",
+              cwd: Path = ROOT) -> WorkerProcess:
         """``urls``: the broker and backend of another worker, to run a fleet on one broker."""
         broker, backend = urls or redis_server.fresh_pair()
         worker = start_worker(env_vars, broker, backend, tmp_path / f"{name}-{len(started)}.log", pool, concurrency,
-                              args, app)
+                              args, app, cwd)
         started.append(worker)
         return worker
 

@@ -250,8 +250,10 @@ def build_exaone(out: Path, seed: int = 0, shards: int = 2, corpus: list[str] | 
     return out
 
 
-def build_exaone_adapter(out: Path, base: Path, task_type: str = "CAUSAL_LM", seed: int = 1) -> Path:
-    """A LoRA adapter as one trained with EXAONE's remote code would be saved.
+def build_exaone_adapter(out: Path, base: Path, task_type: str = "CAUSAL_LM", seed: int = 1,
+                         dora: bool = False) -> Path:
+    """A LoRA adapter as one trained with EXAONE's remote code would be saved (``dora``: a DoRA one,
+    which only PEFT can apply).
 
     Built on the native Llama layout, then written back with the remote-code names in both the
     tensor keys and ``target_modules`` (what PEFT records when it trains on the remote model).
@@ -265,7 +267,7 @@ def build_exaone_adapter(out: Path, base: Path, task_type: str = "CAUSAL_LM", se
     else:
         model = LlamaForCausalLM(_llama_config(config))
         lora = LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=LLAMA_TARGETS,
-                          init_lora_weights=False)
+                          init_lora_weights=False, use_dora=dora)
     peft_model = get_peft_model(model, lora)
     peft_model.save_pretrained(out)
     tensors = load_file(out / "adapter_model.safetensors")

@@ -130,6 +130,23 @@ class Settings:
         settings.validate()
         return settings
 
+    def to_env(self) -> dict[str, str]:
+        """The variables that :meth:`from_env` reads back as these settings: how a builder process
+        (:mod:`worker.lifecycle.builder`) is told exactly what the worker would load."""
+        env = {}
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if value is None:
+                text = ""
+            elif isinstance(value, bool):
+                text = "true" if value else "false"
+            elif isinstance(value, tuple):
+                text = ",".join(str(v) for v in value)
+            else:
+                text = str(value)
+            env[field.name.upper()] = text
+        return env
+
     def with_models_reread(self) -> Settings:
         """These settings with the model, adapter and prompt-file variables read again from ``.env``
         and the process environment (which still wins), as a start would read them now."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 
 import pytest
 
@@ -33,6 +34,16 @@ def expected_version(models, prompt_file) -> str:
     return get_loader(settings).load_model(source).version
 
 
+def _built_snapshot(snapshots, timeout: float = 120):
+    """The merged snapshot, once the builder a first start starts in the background has written it."""
+    deadline = time.monotonic() + timeout
+    while not (found := [p for p in snapshots.glob("exaone-*") if (p / "snapshot.json").is_file()
+                         and "-base-" not in p.name]):
+        assert time.monotonic() < deadline, "the merged snapshot was never built"
+        time.sleep(0.5)
+    return found[0]
+
+
 def test_prompt_file_scores_and_versions_on_prefork_and_threads(worker_factory, models, prompt_file, tmp_path):
     """Multi-token labels sharing their first tokens: each worker's scores equal full forward passes
     of the merged weights, alone and in a batch; every process reports the same version."""
@@ -47,7 +58,7 @@ def test_prompt_file_scores_and_versions_on_prefork_and_threads(worker_factory, 
             singles = [h.get(timeout=60) for h in [client.submit(t, model="exaone") for t in TEXTS]]
             batch = client.submit_batch(TEXTS, model="exaone").get(timeout=60)
             stats = client.app.control.inspect(timeout=2.0).stats() or {}
-        merged = next(p for p in snapshots.glob("exaone-*") if p.is_dir() and "-base-" not in p.name)
+        merged = _built_snapshot(snapshots)
         expected = direct_scores(merged, models.exaone, KOREAN, TEXTS)
         assert [r["spam_score"] for r in singles] == pytest.approx(expected, abs=1e-4), pool
         assert [r["spam_score"] for r in batch] == pytest.approx(expected, abs=1e-4), pool

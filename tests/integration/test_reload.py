@@ -55,15 +55,27 @@ def reference(models, adapter: Path, tmp_path: Path) -> list[float]:
     return [s.spam_score for s in load_classifier("exaone", settings).score(TEXTS)]
 
 
-def served(client) -> dict[int, dict[str, str]]:
+def served(client, figure: str = "version") -> dict[int, dict[str, str]]:
+    """{pid: {model: figure}} of every serving process of the workers on ``client``'s broker."""
     stats = client.app.control.inspect(timeout=2.0).stats() or {}
     out: dict[int, dict[str, str]] = {}
     for figures in stats.values():
         for key, value in figures.items():
             parts = key.split(".")
-            if len(parts) == 4 and parts[3] == "version":
+            if len(parts) == 4 and parts[3] == figure:
                 out.setdefault(int(parts[1].removeprefix("pid")), {})[parts[2]] = value
     return out
+
+
+def wait_for_snapshots(client, processes: int, timeout: float = 240) -> None:
+    """Until ``processes`` serving processes serve every model from its built snapshot."""
+    deadline = time.monotonic() + timeout
+    while True:
+        sources = served(client, "source")
+        if len(sources) >= processes and all(s == "snapshot" for p in sources.values() for s in p.values()):
+            return
+        assert time.monotonic() < deadline, f"not all serving from snapshots: {sources}"
+        time.sleep(0.5)
 
 
 @pytest.mark.parametrize(("pool", "concurrency"), [("prefork", 2), ("threads", 8)])
@@ -149,6 +161,7 @@ def test_a_version_that_cannot_load_is_refused_and_the_old_one_serves(worker_fac
     worker = worker_factory(env, pool="prefork", concurrency=2, name=f"refuse-{case}")
     client = client_for(worker)
     wait_until_serving(worker, client)
+    wait_for_snapshots(client, 2)  # the first start served from the checkpoint until its snapshot was built
     before = served(client)
     scores = [r["spam_score"] for r in client.submit_batch(TEXTS, model="exaone").get(timeout=60)]
 
@@ -183,6 +196,7 @@ def test_two_workers_on_one_snapshot_dir_build_once_and_a_second_reload_is_uncha
     while len(served(client)) < 3:  # both workers up: two prefork children and one threads process
         assert time.monotonic() < deadline and second.process.poll() is None, second.log()[-3000:]
         time.sleep(0.5)
+    wait_for_snapshots(client, 3)  # the first start's builds are done
     built = lambda: sum(w.log().count("building snapshot") for w in (first, second))  # noqa: E731
     start_builds = built()
 
@@ -190,6 +204,7 @@ def test_two_workers_on_one_snapshot_dir_build_once_and_a_second_reload_is_uncha
     outcomes = reload_fleet(client.app, timeout=180)
     assert exit_code(outcomes) == EXIT_OK and len(outcomes) == 2, outcomes
     assert all("exaone" in o.line and "->" in o.line for o in outcomes)
+    wait_for_snapshots(client, 3)  # each process serves the new adapter unmerged, then its snapshot
     assert built() == start_builds + 1, "the new snapshot is built once per host"
     versions = {v["exaone"] for v in served(client).values()}
     assert len(versions) == 1

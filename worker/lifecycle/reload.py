@@ -1,83 +1,49 @@
-"""Roll a new model version onto a running worker: no restart, nothing lost, a bad version refused.
+"""Roll a new model version onto a running worker: no restart, nothing lost, a bad version refused
+and left nowhere.
 
 Like Triton's explicit model control. The remote control command ``reload_models`` (``python -m
 producer reload``, or ``celery -A worker control reload_models``) makes the worker read its model,
-adapter and prompt-file settings again, as a start would (the environment, then ``.env``), and:
+adapter and prompt-file settings again, as a start would (the environment, then ``.env``), resolve
+them to real paths once (:mod:`worker.lifecycle.pinning`), and:
 
-- answers at once with a reload id; ``reload_status`` gives the outcome per model when it is done:
-  ``unchanged`` (same ``model_version``, no work), ``switched`` (old → new version, seconds to
-  prepare, seconds until every serving process used it) or ``refused`` (one line: the new version
-  cannot load, and the old one keeps serving);
-- prepares each changed model in a thread of the main process while the old version serves. A
-  threads or solo worker loads it as a start does (the snapshot built once per host under its lock
-  in ``SNAPSHOT_DIR``, every adapter tensor verified, the warm-up pass). A prefork worker's main
-  process only builds what its children will load and checks what it can without materialising the
-  model (the adapter, the tokenizer, the prompt's labels), on the CPU: it never touches CUDA, and
-  holds no copy of the model;
-- switches every serving process between tasks: a threads or solo worker swaps the prepared model
-  in; each prefork child, watching a counter shared at fork, loads the new version in a thread while
-  it keeps serving, then swaps. A task that started scoring finishes on the model it started with.
-  A child forked later loads the new version.
+- answers at once with a reload id (or ``skipped`` when it does not load the model asked for);
+  ``reload_status`` gives the outcome per model when it is done: ``unchanged`` (same
+  ``model_version``, no work), ``switched`` (old -> new version, seconds to prepare, seconds until
+  every serving process used it) or ``refused`` (one line: why, and that every process still serves
+  the old version);
+- checks the new version before any process switches. A threads or solo worker loads it in a thread,
+  as a start does (warm-up pass included), while the old one serves. A prefork worker's main process,
+  which must do no model work while it can fork, runs a builder process
+  (:mod:`worker.lifecycle.builder`, on the CPU) that builds what the children will load and loads it
+  as they will; then every child prepares the new version beside the one it serves and reports ready;
+- switches only when every serving process is ready, between tasks (a task that started scoring
+  finishes on the model it started with); if one is not, none switches: each drops what it prepared,
+  and the reload is refused. The accepted version, which a process forked later loads, changes only
+  once every process serves the new one.
 """
 
 from __future__ import annotations
 
-import ctypes
-import gc
-import json
 import logging
-import multiprocessing
 import threading
 import time
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from dataclasses import replace
 from typing import Any
 
 from celery.worker.control import control_command
 
 from worker.errors import ModelLoadError, first_line
 from worker.lifecycle import builds
-from worker.lifecycle.registry import LOAD_LOCK, load_classifier, registry
-from worker.settings import MODEL_FIELDS, Settings
-from worker.telemetry.stats import process_stats, read_figures
+from worker.lifecycle.fleet import fleet
+from worker.lifecycle.pinning import describe, model_fields, pin
+from worker.settings import MODEL_NAMES, Settings
+from worker.telemetry.stats import process_stats
 
 log = logging.getLogger(__name__)
 
 _POLL_S = 0.2
-_UNMERGED = {"serve_unmerged": True}
-"""How a reload loads (where the strategy can): the new adapter over the converted base until its
-merged snapshot is built, then the snapshot (:func:`worker.lifecycle.builds.finish`)."""
-_SOURCES = "reload-sources"  # not *.json: those are the processes' figures
-
-
-@dataclass
-class _Worker:
-    """The main process's view, set up by :func:`install` before any fork."""
-
-    settings: Settings | None = None
-    forks: bool = False
-    folder: Path = Path()
-    live_pids: Callable[[], set[int]] = set
-    generation: Any = None  # multiprocessing.Value shared with the children
-    reloads: dict[str, dict[str, Any]] = field(default_factory=dict)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-
-_worker = _Worker()
-
-
-def install(settings: Settings, forks: bool, folder: Path, live_pids: Callable[[], set[int]]) -> None:
-    """Called by the start-up bootstep in the main process; ``folder`` is the stats folder (tmpfs)."""
-    _worker.settings, _worker.forks, _worker.folder, _worker.live_pids = settings, forks, folder, live_pids
-    if forks:
-        _worker.generation = multiprocessing.get_context("fork").Value(ctypes.c_int, 0)
-
-
-def current_settings(settings: Settings) -> Settings:
-    """The settings a process loads with now: the start's, or those of the last reload."""
-    return _worker.settings or settings
+_reloads: dict[str, dict[str, Any]] = {}
 
 
 # --- the commands ------------------------------------------------------------------------------------
@@ -86,14 +52,17 @@ def current_settings(settings: Settings) -> Settings:
 @control_command(args=[("model", str)], signature="[model=all]")
 def reload_models(state, model: str = "all") -> dict:
     """Start a reload of ``model`` (koelectra, exaone or all); answers at once with its id."""
-    names = _requested(model)
-    if isinstance(names, str):
-        return {"error": names}
-    if not _worker.lock.acquire(blocking=False):
-        running = next((k for k, v in _worker.reloads.items() if not v["done"]), "?")
+    loaded = fleet.loaded_models()
+    if model != "all" and model not in MODEL_NAMES:
+        return {"error": f"unknown model {model!r} (choose all, {', '.join(MODEL_NAMES)})"}
+    if model != "all" and model not in loaded:
+        return {"skipped": f"this worker does not load {model} (it loads {', '.join(loaded) or 'nothing'})"}
+    names = loaded if model == "all" else [model]
+    if not fleet.reload_lock.acquire(blocking=False):
+        running = next((k for k, v in _reloads.items() if not v["done"]), "?")
         return {"error": f"reload {running} is still running"}
     reload_id = uuid.uuid4().hex[:8]
-    _worker.reloads[reload_id] = {"done": False, "models": {}, "started": time.time()}
+    _reloads[reload_id] = {"done": False, "models": {}, "started": time.time()}
     threading.Thread(target=_run, args=(reload_id, names), name=f"reload-{reload_id}", daemon=True).start()
     return {"reload": reload_id, "models": names}
 
@@ -101,140 +70,179 @@ def reload_models(state, model: str = "all") -> dict:
 @control_command(args=[("reload_id", str)], signature="<reload_id>")
 def reload_status(state, reload_id: str) -> dict:
     """The outcome of reload ``reload_id`` so far (``done`` once every model has one)."""
-    return _worker.reloads.get(reload_id) or {"error": f"no reload {reload_id!r} on this worker"}
-
-
-def _requested(model: str) -> list[str] | str:
-    loaded = list(_worker.settings.preload_models) if _worker.settings else []
-    if model == "all":
-        return loaded
-    if model not in loaded:
-        return f"model {model!r} is not loaded by this worker (loaded: {', '.join(loaded) or 'none'})"
-    return [model]
+    return _reloads.get(reload_id) or {"error": f"no reload {reload_id!r} on this worker"}
 
 
 # --- the main process ----------------------------------------------------------------------------------
 
 
 def _run(reload_id: str, names: list[str]) -> None:
-    record = _worker.reloads[reload_id]
+    outcomes = _reloads[reload_id]["models"]
+    configured: Settings | None = None
     try:
-        try:
-            fresh = _worker.settings.with_models_reread()
-        except ValueError as exc:
-            record["models"] = {n: {"outcome": "refused", "error": f"invalid setting {exc}"} for n in names}
-            return
-        served = _served_versions()
-        prepared: dict[str, Any] = {}  # name -> the prepared classifier (None where the children load it)
+        configured = fleet.settings.with_models_reread()
+        fresh = pin(configured, tuple(names))
+        served = fleet.served_versions()
+        accepted = fleet.accepted_settings
+        candidate = replace(accepted, **{f: getattr(fresh, f) for f in model_fields(names)})
+        changed = []
         for name in names:
-            record["models"][name], classifier = _prepare(name, fresh, served.get(name, set()))
-            if record["models"][name]["outcome"] == "prepared":
-                prepared[name] = classifier
-        gc.collect()  # a prefork worker's main process drops what it prepared
-        if prepared:
-            _switch(fresh, prepared, record["models"])
+            old = ", ".join(sorted(served.get(name, set()))) or "?"
+            try:
+                version = _version_of(name, candidate)
+            except ModelLoadError as exc:
+                outcomes[name] = {"outcome": "refused", "old": old, "error": str(exc)}
+                continue
+            if served.get(name) == {version}:
+                outcomes[name] = {"outcome": "unchanged", "old": version, "new": version}
+            else:
+                outcomes[name] = {"outcome": "checking", "old": old}
+                changed.append(name)
+        if changed:
+            _reload(reload_id, candidate, changed, outcomes)
+    except ValueError as exc:  # a setting that does not parse
+        for name in names:
+            outcomes.setdefault(name, {}).update(outcome="refused", error=f"invalid setting {exc}")
     except Exception as exc:  # noqa: BLE001 - the command must answer, whatever went wrong
         log.exception("reload %s failed", reload_id)
-        for outcome in record["models"].values():
-            if outcome.get("outcome") in ("prepared", None):
-                outcome.update(outcome="failed", error=f"{type(exc).__name__}: {first_line(exc)}")
+        for name in names:
+            if outcomes.get(name, {}).get("outcome") not in ("unchanged", "switched", "refused"):
+                outcomes.setdefault(name, {}).update(outcome="refused",
+                                                     error=f"{type(exc).__name__}: {first_line(exc)}")
     finally:
-        record["done"] = True
-        _worker.lock.release()
-        for name, outcome in record["models"].items():
+        for name, outcome in outcomes.items():
+            if outcome.get("outcome") == "refused" and configured is not None:
+                outcome["revert"] = _revert_hint(configured, name)
             outcome["line"] = _describe(name, outcome)
             log.info("reload %s: %s", reload_id, outcome["line"])
+        _reloads[reload_id]["done"] = True
+        fleet.reload_lock.release()
 
 
-def _prepare(name: str, fresh: Settings, served: set[str]) -> tuple[dict[str, Any], Any]:
-    """Build and check ``name``'s new version (or find it unchanged) while the old one serves: the
-    outcome so far, and the classifier to swap in (None in a prefork worker)."""
-    old = ", ".join(sorted(served)) or "?"
+def _reload(reload_id: str, candidate: Settings, changed: list[str], outcomes: dict[str, dict[str, Any]]) -> None:
+    """Check each changed model's new version, then switch every serving process to those that passed."""
     start = time.perf_counter()
-    settings = replace(_worker.settings, **{f: getattr(fresh, f) for f in MODEL_FIELDS if f.startswith(name)})
-    try:
-        version = _version_of(name, settings)
-        if served == {version}:
-            return {"outcome": "unchanged", "old": version, "new": version}, None
-        if _worker.forks:  # build and check on the CPU (no CUDA before a fork); each child then loads it
-            from worker.loading import get_loader
+    prepared: dict[str, Any] = {}  # name -> the classifier to swap in (threads/solo)
+    versions: dict[str, str] = {}
+    for name in changed:
+        try:
+            if fleet.forks:  # the check runs in a builder process: no model work here
+                dtype = fleet.served_dtype(name)
+                versions[name] = builds.run("check", name, replace(candidate, torch_dtype=dtype),
+                                            fleet.settings.load_timeout_s)
+            else:
+                from worker.lifecycle.registry import load_classifier
 
-            prepare = replace(settings, device="cpu", torch_dtype=_served_dtype(name))
-            with LOAD_LOCK:
-                classifier, version = None, get_loader(prepare, **_UNMERGED).prepare(settings.source(name))
+                prepared[name] = load_classifier(name, candidate, serve_unmerged=True)
+                versions[name] = prepared[name].version
+        except ModelLoadError as exc:
+            outcomes[name].update(outcome="refused", error=str(exc))
+        except Exception as exc:  # noqa: BLE001 - any failure to prepare is a refusal, never a crash
+            outcomes[name].update(outcome="refused", error=f"cannot load model {name!r}: {type(exc).__name__}: "
+                                  f"{first_line(exc)}")
         else:
-            classifier = load_classifier(name, settings, **_UNMERGED)
-            version = classifier.version
-    except ModelLoadError as exc:
-        return {"outcome": "refused", "old": old, "error": str(exc)}, None
-    except Exception as exc:  # noqa: BLE001 - any failure to prepare is a refusal, never a crash
-        return {"outcome": "refused", "old": old, "error": f"cannot load model {name!r}: {type(exc).__name__}: "
-                f"{first_line(exc)}"}, None
-    outcome = {"outcome": "prepared", "old": old, "new": version, "prepare_s": round(time.perf_counter() - start, 3)}
-    return outcome, classifier
+            outcomes[name].update(new=versions[name], prepare_s=round(time.perf_counter() - start, 3))
+    passed = [n for n in changed if n in versions]
+    if not passed:
+        return
+    # Only the models that passed change; the others keep their accepted files.
+    settings = replace(fleet.accepted_settings, **{f: getattr(candidate, f) for f in model_fields(passed)})
+    switch_start = time.perf_counter()
+    error = _switch_children(reload_id, settings, passed, versions) if fleet.forks else \
+        _switch_in_process(settings, passed, versions, prepared)
+    seconds = round(time.perf_counter() - switch_start, 3)
+    for name in passed:
+        if error:
+            outcomes[name].update(outcome="refused", error=error)
+        else:
+            outcomes[name].update(outcome="switched", switch_s=seconds)
 
 
-def _switch(fresh: Settings, prepared: dict[str, Any], outcomes: dict[str, dict[str, Any]]) -> None:
-    """Make every serving process serve the prepared versions, then fill in their outcomes."""
-    fields = {f: getattr(fresh, f) for f in MODEL_FIELDS if any(f.startswith(n) for n in prepared)}
-    _worker.settings = replace(_worker.settings, **fields)  # what a child forked from now on loads
+def _switch_in_process(settings: Settings, names: list[str], versions: dict[str, str],
+                       prepared: dict[str, Any]) -> str:
+    from worker.lifecycle.registry import registry
+
     start = time.perf_counter()
-    if _worker.forks:
-        generation = _worker.generation.value + 1
-        payload = {"generation": generation, "fields": {f: getattr(_worker.settings, f) for f in MODEL_FIELDS},
-                   "versions": {n: outcomes[n]["new"] for n in prepared}}
-        tmp = _worker.folder / f".{_SOURCES}.tmp"
-        tmp.write_text(json.dumps(payload))
-        tmp.replace(_worker.folder / _SOURCES)
-        _worker.generation.value = generation
-        failures = _wait_for_children(generation, payload["versions"], _worker.settings.load_timeout_s)
-    else:
-        for name, classifier in prepared.items():
-            registry.swap(name, classifier)
-        process_stats.record_reload(0, "switched", time.perf_counter() - start)
-        builds.finish(_worker.settings)
-        failures = {}
-    seconds = round(time.perf_counter() - start, 3)
-    for outcome in (outcomes[n] for n in prepared):
-        if failures:
-            outcome.update(outcome="failed", error="; ".join(sorted(set(failures.values()))))
-        else:
-            outcome.update(outcome="switched", switch_s=seconds)
+    with fleet.lock:
+        for name in names:
+            registry.swap(name, prepared.pop(name))
+        fleet.accept(settings, versions, names)
+    process_stats.record_reload(0, "switched", time.perf_counter() - start)
+    return ""
 
 
-def _wait_for_children(generation: int, versions: dict[str, str], timeout: float) -> dict[int, str]:
-    """Wait until every live child serves ``versions``; returns {pid: error} of children that could not."""
+def _switch_children(reload_id: str, settings: Settings, names: list[str], versions: dict[str, str]) -> str:
+    """Two phases: every live child prepares the new version and reports ready, then every child
+    switches. Returns an error line when the fleet did not switch (none serves the new version)."""
+    timeout = fleet.settings.load_timeout_s
+    old_settings = fleet.accepted_settings
+    old_versions = dict(fleet.versions)
+    for name, versions_served in fleet.served_versions().items():
+        if len(versions_served) == 1:
+            old_versions.setdefault(name, next(iter(versions_served)))
+    target = fleet.target(settings, {**old_versions, **versions})
+    with fleet.lock:
+        fleet.versions.update({n: v for n, v in old_versions.items() if n not in fleet.versions})
+        fleet.candidate = target
+        prepare = fleet.publish(reload_id)
+    error = _wait(lambda f: _reported(f, prepare), timeout, "prepare the new version")
+    if error:
+        with fleet.lock:
+            fleet.candidate = None
+            fleet.publish(reload_id)  # every child drops what it prepared
+        return error
+    with fleet.lock:
+        fleet.candidate = None
+        fleet.accept(settings, versions, names)
+        fleet.publish(reload_id)
+    error = _wait(lambda f: _serves(f, versions) or _failed_at_or_after(f, prepare), timeout, "switch")
+    if error:  # a child could not switch (one forked between the phases): every process goes back
+        with fleet.lock:
+            fleet.accept(old_settings, {n: old_versions.get(n, "") for n in names}, names)
+            fleet.publish(reload_id)
+        _wait(lambda f: _serves(f, {n: old_versions[n] for n in names if old_versions.get(n)}), timeout, "go back")
+        return f"{error}; every process went back to the old version"
+    return ""
+
+
+def _reported(figures: dict[str, Any], generation: int) -> bool | str:
+    """True when a child is ready for ``generation`` (or a later one of the same reload, published
+    when a build ended meanwhile); its error line when it could not prepare."""
+    if (figures.get("reload_generation") or 0) < generation:
+        return False
+    if figures.get("reload_outcome") == "failed":
+        return figures.get("reload_error", "failed")
+    return figures.get("reload_outcome") == "ready"
+
+
+def _serves(figures: dict[str, Any], versions: dict[str, str]) -> bool:
+    models = figures.get("models", {})
+    return all(models.get(name, {}).get("version") == version for name, version in versions.items())
+
+
+def _failed_at_or_after(figures: dict[str, Any], generation: int) -> bool | str:
+    if (figures.get("reload_generation") or 0) >= generation and figures.get("reload_outcome") == "failed":
+        return figures.get("reload_error", "failed")
+    return False
+
+
+def _wait(check, timeout: float, what: str) -> str:
+    """Wait until ``check`` is true for every live serving process (one forked meanwhile included);
+    an error line when one reports a failure or the time is up."""
     deadline = time.monotonic() + timeout
     while True:
-        figures = _process_figures()
-        failures = {pid: f.get("reload_error", "failed") for pid, f in figures.items()
-                    if f.get("reload_generation") == generation and f.get("reload_outcome") == "failed"}
-        pending = [pid for pid, f in figures.items()
-                   if any(f.get("models", {}).get(name, {}).get("version") != version
-                          for name, version in versions.items())]
-        if failures or (figures and not pending):
-            return failures
+        live = fleet.live_pids()
+        figures = fleet.figures()
+        results = {pid: check(figures[pid]) if pid in figures else False for pid in live}
+        failures = sorted({r for r in results.values() if isinstance(r, str)})
+        if failures:
+            return f"a worker process could not {what}: {'; '.join(failures)}"
+        if live and all(r is True for r in results.values()):
+            return ""
         if time.monotonic() > deadline:
-            return {pid: f"still on the old version after {timeout:.0f}s (LOAD_TIMEOUT_S)" for pid in pending}
+            pending = sorted(pid for pid, r in results.items() if r is not True)
+            return f"worker processes {pending} did not {what} within {timeout:.0f}s (LOAD_TIMEOUT_S)"
         time.sleep(_POLL_S)
-
-
-def _process_figures() -> dict[int, dict[str, Any]]:
-    """{pid: figures} of the live serving processes, from the files they publish."""
-    return read_figures(_worker.folder, _worker.live_pids())
-
-
-def _served_versions() -> dict[str, set[str]]:
-    served: dict[str, set[str]] = {}
-    for figures in _process_figures().values():
-        for name, model in figures.get("models", {}).items():
-            served.setdefault(name, set()).add(model.get("version"))
-    return served
-
-
-def _served_dtype(name: str) -> str:
-    dtypes = {f["models"][name]["dtype"] for f in _process_figures().values() if name in f.get("models", {})}
-    return dtypes.pop() if len(dtypes) == 1 else _worker.settings.torch_dtype
 
 
 def _version_of(name: str, settings: Settings) -> str:
@@ -245,6 +253,18 @@ def _version_of(name: str, settings: Settings) -> str:
     return model_version(planning.resolve(settings.source(name), settings), settings.use_safetensors)
 
 
+def _revert_hint(configured: Settings, name: str) -> str:
+    """What to point the settings back at, when they now name files the worker refused: a fresh start
+    reads the settings, and would fail on them."""
+    accepted, now = fleet.accepted_settings, pin(configured, (name,))
+    differs = [f for f in model_fields((name,)) if getattr(now, f) != getattr(accepted, f)]
+    if not differs:
+        return ""
+    back = ", ".join(f"{f.upper()} at {getattr(accepted, f) or '(empty)'}" for f in differs)
+    return f"the settings name {describe(configured, differs)}, which a fresh start would load: point {back} " \
+        f"before the next restart"
+
+
 def _describe(name: str, outcome: dict[str, Any]) -> str:
     """The outcome as one line, the one ``python -m producer reload`` prints."""
     kind = outcome.get("outcome")
@@ -253,38 +273,7 @@ def _describe(name: str, outcome: dict[str, Any]) -> str:
                f"every process {outcome['switch_s']:.1f} s later)"
     if kind == "unchanged":
         return f"{name} unchanged ({outcome['new']})"
-    return f"{name} {kind}, still serving {outcome.get('old', '?')}: {outcome.get('error', '')}"
-
-
-# --- a prefork child ------------------------------------------------------------------------------------
-
-
-def watch(settings: Settings) -> None:
-    """In a prefork child after its load: switch to each new version the main process publishes."""
-    if _worker.generation is None:
-        return
-    threading.Thread(target=_follow, args=(settings, _worker.generation.value), name="reload-watch",
-                     daemon=True).start()
-
-
-def _follow(settings: Settings, seen: int) -> None:
-    while True:
-        time.sleep(_POLL_S)
-        generation = _worker.generation.value
-        if generation == seen:
-            continue
-        seen = generation
-        start = time.perf_counter()
-        try:
-            payload = json.loads((_worker.folder / _SOURCES).read_text())
-            settings = replace(settings, **payload["fields"])
-            for name, version in payload["versions"].items():
-                if registry.has(name) and registry.get(name).version != version:
-                    registry.swap(name, load_classifier(name, settings, **_UNMERGED))
-        except Exception as exc:  # noqa: BLE001 - report it and keep serving the old version
-            line = str(exc) if isinstance(exc, ModelLoadError) else f"{type(exc).__name__}: {first_line(exc)}"
-            log.error("reload: this process keeps its old version: %s", line)
-            process_stats.record_reload(generation, "failed", time.perf_counter() - start, line)
-            continue
-        process_stats.record_reload(generation, "switched", time.perf_counter() - start)
-        builds.finish(settings)
+    old = outcome.get("old", "?")
+    line = f"{name} {kind}, still serving {old}: {outcome.get('error', '')}; every process serves {old}, as will " \
+           f"any that restarts"
+    return f"{line}; {outcome['revert']}" if outcome.get("revert") else line

@@ -34,7 +34,8 @@ from celery.signals import worker_process_init
 from celery.worker import state
 
 from worker.errors import ModelLoadError, first_line
-from worker.lifecycle import builds, prefetch, reload
+from worker.lifecycle import follow, prefetch, reload  # noqa: F401 (reload: its control commands)
+from worker.lifecycle.fleet import fleet
 from worker.lifecycle.registry import registry
 from worker.serving import time_limits
 from worker.settings import Settings
@@ -74,11 +75,13 @@ def install(app, settings: Settings) -> None:
             if settings.metrics_port:
                 _Shared.metrics_folder = metrics.enable()
             _Shared.forks = worker.pool_cls.__module__ == "celery.concurrency.prefork"
-            reload.install(settings, _Shared.forks, _Shared.stats_folder, lambda: _live_pids(worker))
+            # Every process loads the files the settings name now, resolved once, whatever a link
+            # or the Hub cache names later.
+            pinned = fleet.install(settings, _Shared.forks, _Shared.stats_folder, lambda: _live_pids(worker))
             if settings.prefetch_weights:
-                prefetch.start(settings)  # reads the weights while the next line imports torch
-            import_libraries(settings)
-            _set_threads(settings, worker.concurrency if _Shared.forks else 1,
+                prefetch.start(pinned)  # reads the weights while the next line imports torch
+            import_libraries(pinned)
+            _set_threads(pinned, worker.concurrency if _Shared.forks else 1,
                          spare=not _Shared.forks and worker.concurrency > 1)
             if _Shared.forks:
                 context = multiprocessing.get_context("fork")
@@ -86,13 +89,12 @@ def install(app, settings: Settings) -> None:
                 _Shared.release = context.Value(ctypes.c_bool, False)
                 _Shared.loaded = context.Value(ctypes.c_int, 0)
             else:
-                _load_or_exit(settings)
+                _load_or_exit(pinned)
                 # threads, solo: concurrent tasks share forward passes, and since these pools ignore
                 # time limits, a task's wait for its pass ends at TASK_TIME_LIMIT_S.
                 registry.enable_batching(settings.batch_wait_ms / 1000)
                 time_limits.install(settings.task_time_limit_s)
                 stats.process_stats.attach(_Shared.stats_folder, "main")
-                builds.finish(settings)
 
         def start(self, worker):
             if settings.metrics_port:
@@ -100,12 +102,13 @@ def install(app, settings: Settings) -> None:
             # The consumer starts after this step: no message is fetched until every child is ready.
             if _Shared.forks:
                 _wait_for_children(worker.concurrency, settings.load_timeout_s)
-                threading.Thread(target=_watch_children, name="load-watch", daemon=True).start()
+            threading.Thread(target=_supervise, name="lifecycle", daemon=True).start()
 
         def stop(self, worker):
             # Runs before the pool stops (this step requires it): let waiting children exit.
             if _Shared.release is not None:
                 _Shared.release.value = True
+            fleet.stop()
 
         def shutdown(self, worker):
             stats.remove_folder(_Shared.stats_folder)
@@ -125,12 +128,12 @@ def install(app, settings: Settings) -> None:
         import torch
 
         torch.set_num_threads(_Shared.threads)
-        current = reload.current_settings(settings)  # a child forked after a reload loads its version
+        # The accepted version as the fork copied it: a reload in progress or refused changes nothing here.
+        current, generation = fleet.at_fork(settings)
         try:
             registry.preload(current)
             stats.process_stats.attach(_Shared.stats_folder, f"child{current_process().index}")
-            reload.watch(current)
-            builds.finish(current)
+            follow.start(fleet.board, current, generation)
             with _Shared.loaded.get_lock():
                 _Shared.loaded.value += 1
         except Exception as exc:  # noqa: BLE001 - every cause must stop the worker, not a swallowed log
@@ -174,14 +177,19 @@ def _wait_for_children(count: int, timeout: float) -> None:
     log.info("%d worker processes loaded their models in %.2fs", count, time.monotonic() - start)
 
 
-def _watch_children() -> None:
-    """After start-up: a respawned child that cannot load stops the worker too."""
+def _supervise() -> None:
+    """The main process's loop after start-up: a respawned child that cannot load stops the worker;
+    about once a second, the background builds (:meth:`worker.lifecycle.fleet.Fleet.tick`)."""
+    ticks = 0
     while True:
         time.sleep(_CHECK_INTERVAL_S)
-        if failure := _child_failure():
+        if _Shared.forks and (failure := _child_failure()):
             log.critical("stopping the worker: %s", failure)
             state.should_stop = EX_LOAD_FAILED
             return
+        ticks += 1
+        if ticks % 5 == 0:
+            fleet.tick()
 
 
 def _child_failure() -> str:

@@ -54,8 +54,8 @@ class SnapshotLoader(BaseLoader):
         """When the model's snapshot is not built yet, serve at once and leave the build to
         ``LoadedModel.finish``: ``serve_unmerged`` from the converted base with the adapter applied at
         run time (:mod:`worker.loading.lora`; a reload then serves a new adapter in seconds), else
-        ``serve_before_build`` from the checkpoint the reference way, if no other process is building
-        it (a first start then serves as soon as the reference path would)."""
+        ``serve_before_build`` from the checkpoint the reference way (a first start then serves as soon
+        as the reference path would)."""
         super().__init__(settings)
         self.serve_before_build = serve_before_build
         self.serve_unmerged = serve_unmerged
@@ -136,32 +136,13 @@ class SnapshotLoader(BaseLoader):
     def _serve_before_build(self, plan: LoadPlan, placement: Placement, inputs: list[Path],
                             timer: StageTimer) -> LoadedWeights | None:
         """The reference path's model, and the snapshot build as ``finish``; None when the snapshot
-        exists or another process is building it (then the normal path uses or waits for it). The
-        build lock is held until ``finish`` has run, so other processes wait for this build."""
-        folder = self._folder(plan, placement, inputs)
-        if is_valid(folder):
+        exists. Every process that starts before the snapshot exists serves this way, none waits for
+        another's build: the worker's main process has one builder process build it
+        (:mod:`worker.lifecycle.builds`), then the serving processes switch to it."""
+        if is_valid(self._folder(plan, placement, inputs)):
             return None
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        lock = _build_lock(folder, timeout=0, thread_local=False)  # released by the thread that builds
-        try:
-            lock.acquire()
-        except Timeout:
-            return None
-        try:
-            model = load_adapted(plan, placement, self.settings, timer)
-        except BaseException:
-            lock.release()
-            raise
-
-        def finish() -> None:
-            try:
-                if not is_valid(folder):
-                    self._build(plan, placement, inputs, folder)
-            finally:
-                lock.release()
-            prune(self.settings.snapshot_path, plan.name, self.settings.snapshot_keep)
-
-        return LoadedWeights(model, "checkpoint", inputs, finish=finish)
+        model = load_adapted(plan, placement, self.settings, timer)
+        return LoadedWeights(model, "checkpoint", inputs, finish=lambda: self.ensure_snapshot(plan, placement, inputs))
 
     def _folder(self, plan: LoadPlan, placement: Placement, inputs: list[Path]) -> Path:
         return self.settings.snapshot_path / f"{plan.name}-{fingerprint(plan, placement, inputs)}"
@@ -314,9 +295,9 @@ def prune(root: Path, name: str, keep: int) -> list[Path]:
     return removed
 
 
-def _build_lock(folder: Path, timeout: float = -1, thread_local: bool = True) -> FileLock:
+def _build_lock(folder: Path, timeout: float = -1) -> FileLock:
     """The lock held while ``folder`` is built (or deleted), beside it so it outlives the folder."""
-    return FileLock(str(folder) + ".lock", timeout=timeout, thread_local=thread_local)
+    return FileLock(str(folder) + ".lock", timeout=timeout)
 
 
 def _mark_used(folder: Path) -> None:

@@ -68,6 +68,9 @@ def load_figures(loaded: LoadedModel) -> dict[str, Any]:
         "load_s": round(seconds, 3),
         "stages": " · ".join(f"{k} {v:.2f}" for k, v in loaded.timings.items()),
         "source": loaded.source,
+        # Served before its snapshot existed (from the checkpoint, or the adapter unmerged): a builder
+        # process is making the snapshot, and the process switches to it when it is done.
+        "deferred": loaded.finish is not None,
         "bytes_read_mb": round(loaded.bytes_read / 2**20, 1),
         "read_gbps": round(loaded.bytes_read / 1e9 / read_s, 2) if read_s > 0 else 0.0,
         "device": str(placement.device),
