@@ -28,7 +28,7 @@ class ProducerSettingsError(ValueError):
 class ProducerSettings:
     broker_url: str = "redis://localhost:6379/0"
     result_backend: str = "redis://localhost:6379/1"
-    redis_socket_timeout_s: float = 15.0
+    redis_socket_timeout_s: float = 5.0
     """No Redis command waits longer (``REDIS_SOCKET_TIMEOUT_S``, as on the worker)."""
     redis_health_check_interval_s: int = 25
     """A connection idle this long is PINGed before use (``REDIS_HEALTH_CHECK_INTERVAL_S``)."""

@@ -113,7 +113,7 @@ class Settings:
     metrics_port: int = 0
     """Port of the worker's Prometheus endpoint; 0 (the default) turns it off."""
     # --- connections, shutdown, telemetry (issue 19): producer.connection has the why ---------------
-    redis_socket_timeout_s: float = 15.0
+    redis_socket_timeout_s: float = 5.0
     """No Redis command (publish, ack, result) waits longer on a dead or half-open connection; the
     connect timeout too. The producer reads the same variable."""
     redis_health_check_interval_s: int = 25

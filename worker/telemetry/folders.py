@@ -50,6 +50,7 @@ def make(prefix: str, base: str | Path | None = None) -> Path:
         atexit.register(remove_all)
         _exit_cleanly_on_sigterm()
     _owned[folder] = fd
+    log.info("using %s (removed when this worker exits)", folder)
     return folder
 
 
