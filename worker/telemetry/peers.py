@@ -83,8 +83,9 @@ class Peers:
 
 
 def _client(conn):
-    """The broker's own Redis client (its URL, TLS and socket options), connected once or failing."""
-    conn.ensure_connection(max_retries=1)
+    """The broker's own Redis client (its URL, TLS and socket options), connected at once or failing:
+    a stopping worker must not wait on a Redis that is away."""
+    conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0, timeout=5)
     return conn.default_channel.client
 
 
