@@ -11,7 +11,7 @@ Every error is one line on stderr, ``producer <command>: <what went wrong>``, an
 
     0    done
     1    a task was refused or failed (ModelUnavailable, ClassificationFailed, ...), or a batch job stopped
-    2    invalid input or usage: a text the workers refuse (InvalidInput), a bad option, file or label
+    2    invalid input or usage: a text the workers refuse (InvalidInput), a bad option, file, label or setting
     3    the broker or the result backend cannot be reached (checked first, within a few seconds)
     4    no result within --timeout
     130  interrupted (Ctrl-C)
@@ -34,6 +34,7 @@ from producer.client import SpamClient
 from producer.contract import MODELS, InvalidInput
 from producer.files import INPUT_FORMATS, OUTPUT_FORMATS, detect_format
 from producer.jobs import BatchJob, JobError, JobSpec
+from producer.settings import ProducerSettingsError
 
 log = logging.getLogger("producer")
 
@@ -132,6 +133,8 @@ def describe(exc: BaseException, timeout: float) -> tuple[int, str]:
 
     if isinstance(exc, CliError):
         return exc.code, str(exc)
+    if isinstance(exc, ProducerSettingsError):
+        return EXIT_INVALID, f"invalid setting {exc}"
     if isinstance(exc, InvalidInput):
         return EXIT_INVALID, str(exc)
     if isinstance(exc, ResultTimeout):

@@ -6,24 +6,34 @@ other Celery client can do the same with the names in :mod:`producer.contract`.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Iterator
 
 from celery import Celery
 from celery.result import AsyncResult
 
+from producer import connection
 from producer.contract import CLASSIFY, CLASSIFY_BATCH, route
 from producer.settings import ProducerSettings
 
+log = logging.getLogger(__name__)
+
 
 def make_app(settings: ProducerSettings | None = None) -> Celery:
-    """A broker-only Celery app speaking JSON, like the workers, routing each model to its queue."""
+    """A broker-only Celery app speaking JSON, like the workers, routing each model to its queue, with
+    the workers' bounds on a dead connection (:mod:`producer.connection`)."""
     settings = settings or ProducerSettings.from_env()
     app = Celery("spam-producer", broker=settings.broker_url, backend=settings.result_backend)
+    timeout, health = settings.redis_socket_timeout_s, settings.redis_health_check_interval_s
     app.conf.update(
         task_serializer="json", accept_content=["json"], result_serializer="json",
         result_accept_content=["json"], task_send_sent_event=True, broker_connection_retry_on_startup=True,
         task_routes=(route,),
+        broker_transport_options=connection.broker_transport_options(timeout, health),
+        **connection.backend_options(timeout, health),
     )
+    for line in connection.insecure_warnings(settings.broker_url, settings.result_backend):
+        log.warning("%s", line)
     return app
 
 

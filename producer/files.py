@@ -10,7 +10,10 @@ from typing import IO
 
 INPUT_FORMATS = ("txt", "csv", "jsonl")
 OUTPUT_FORMATS = ("jsonl", "csv")
-OUTPUT_COLUMNS = ("index", "label", "spam_score", "model", "escalated", "koelectra_score", "truncated", "error")
+OUTPUT_COLUMNS = ("index", "label", "spam_score", "model", "model_version", "precision", "escalated", "koelectra_score",
+                  "koelectra_version", "koelectra_precision", "truncated", "error")
+"""CSV columns: what decided each row (``model_version``, ``precision``; KoELECTRA's too when it escalated),
+so a job that spans a rollout can be attributed. A field a result lacks is an empty cell."""
 
 
 def detect_format(path: Path, allowed: tuple[str, ...], given: str | None = None) -> str:
@@ -72,13 +75,14 @@ class ResultWriter:
     """Writes result rows in the chosen format; one row per input record, in input order.
 
     ``index`` is the record's place in the whole input: it replaces the ``index`` of a batch item
-    error, which counts within its batch task. ``header=False`` continues a CSV file that has one.
+    error, which counts within its batch task. ``header=False`` continues a CSV file that has one
+    (``columns``: that file's).
     """
 
-    def __init__(self, fh: IO[str], fmt: str, header: bool = True) -> None:
+    def __init__(self, fh: IO[str], fmt: str, header: bool = True, columns: tuple[str, ...] = OUTPUT_COLUMNS) -> None:
         self.fh = fh
         self.fmt = fmt
-        self.csv = csv.DictWriter(fh, fieldnames=OUTPUT_COLUMNS, extrasaction="ignore") if fmt == "csv" else None
+        self.csv = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore") if fmt == "csv" else None
         if self.csv is not None and header:
             self.csv.writeheader()
 

@@ -14,6 +14,7 @@ of texts or results plus at most ``window`` task handles.
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import os
@@ -26,7 +27,7 @@ from itertools import islice
 from pathlib import Path
 from typing import IO, Any
 
-from producer.files import ResultWriter, count_records, read_texts
+from producer.files import OUTPUT_COLUMNS, ResultWriter, count_records, read_texts
 
 try:
     import fcntl
@@ -159,11 +160,11 @@ class BatchJob:
     """One batch job writing ``spec.out``. Use :meth:`open`, then :meth:`run`, as a context manager."""
 
     def __init__(self, client: Any, spec: JobSpec, state: JobState, fh: IO[str], resumed: bool,
-                 window: int, timeout: float) -> None:
+                 window: int, timeout: float, columns: tuple[str, ...] = OUTPUT_COLUMNS) -> None:
         self.client, self.spec, self.state, self.fh = client, spec, state, fh
         self.resumed_at = state.written if resumed else None
         self.window, self.timeout = window, timeout
-        self.writer = ResultWriter(fh, state.output_format, header=False)
+        self.writer = ResultWriter(fh, state.output_format, header=False, columns=columns)
         self.reattached = self.resent = 0
 
     @classmethod
@@ -195,6 +196,7 @@ class BatchJob:
         fresh = state is None
         if fresh:
             state = new_state(spec)
+        columns = OUTPUT_COLUMNS if fresh or state.output_format != "csv" else _csv_columns(spec.out)
         fh = _open_locked(spec.out)
         try:
             if fresh:
@@ -207,7 +209,7 @@ class BatchJob:
         except BaseException:
             fh.close()
             raise
-        return cls(client, spec, state, fh, not fresh, window, timeout)
+        return cls(client, spec, state, fh, not fresh, window, timeout, columns)
 
     def run(self, progress: Callable[[int], object] = lambda n: None) -> Summary:
         """Classify the rest of the input; returns counts. On an error the state file stays and a
@@ -307,6 +309,18 @@ class BatchJob:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _csv_columns(out: Path) -> tuple[str, ...]:
+    """The columns of a CSV output being resumed: a job that an older producer started keeps the
+    header it wrote, so the rows added now line up with it."""
+    with out.open(encoding="utf-8", newline="") as fh:
+        header = next(csv.reader(fh), None)
+    if not header or "index" not in header:
+        raise JobError(f"cannot resume: {out} has no CSV header; start over with --overwrite")
+    if tuple(header) != OUTPUT_COLUMNS:
+        log.info("%s: continuing with the columns it was started with: %s", out, ",".join(header))
+    return tuple(header)
 
 
 def _open_locked(out: Path) -> IO[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from kombu import Exchange, Queue
 
+from producer import connection
 from producer.contract import DEFAULT_QUEUE, queue_for, route
 from worker.settings import Settings
 
@@ -41,7 +42,11 @@ def celery_config(settings: Settings) -> dict:
             "visibility_timeout": settings.visibility_timeout_s,
             "unacked_restore_interval": max(1, min(10, int(settings.visibility_timeout_s // 60))),
             "unacked_restore_throttle": 1,
+            # A dead or half-open connection fails a publish or ack within the socket timeout.
+            **connection.broker_transport_options(settings.redis_socket_timeout_s,
+                                                  settings.redis_health_check_interval_s),
         },
+        **connection.backend_options(settings.redis_socket_timeout_s, settings.redis_health_check_interval_s),
         # Requeue what a lost broker connection made Celery drop (see RedisRestoringConsumer).
         "worker_consumer": "worker.delivery:RedisRestoringConsumer",
         "task_soft_time_limit": settings.task_time_limit_s,

@@ -7,12 +7,15 @@ This is the only module that reads ``os.environ`` for the worker.
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from dotenv import dotenv_values, load_dotenv
 
+from producer.connection import tls_problem
 from worker.errors import SettingsError
 
 MODEL_NAMES = ("koelectra", "exaone")
@@ -109,6 +112,22 @@ class Settings:
     """Redis redelivers a message unacknowledged this long (a worker that died); above the time limit."""
     metrics_port: int = 0
     """Port of the worker's Prometheus endpoint; 0 (the default) turns it off."""
+    # --- connections, shutdown, telemetry (issue 19): producer.connection has the why ---------------
+    redis_socket_timeout_s: float = 5.0
+    """No Redis command (publish, ack, result) waits longer on a dead or half-open connection; the
+    connect timeout too. The producer reads the same variable."""
+    redis_health_check_interval_s: int = 25
+    """A Redis connection idle this long is PINGed before it is used; 0 turns the checks off."""
+    redis_tls_insecure: bool = False
+    """Accept ``ssl_cert_reqs=none`` in a ``rediss://`` URL (no certificate check), with a warning
+    at every start. Without it such a URL, or one that does not name ``ssl_cert_reqs``, is refused."""
+    stop_grace_period_s: float | None = None
+    """What the container runtime gives a stopping worker before SIGKILL (compose
+    ``stop_grace_period``, Kubernetes ``terminationGracePeriodSeconds``), passed in so a grace too
+    short for ``TASK_TIME_LIMIT_S`` stops the start; unset means not checked."""
+    metrics_bind: str = "127.0.0.1"
+    """Address the Prometheus endpoint listens on; the endpoint has no authentication. In a
+    container, ``0.0.0.0`` lets a scraper on the container network in."""
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, dotenv: bool = True) -> Settings:
@@ -181,9 +200,11 @@ class Settings:
                 raise SettingsError("CASCADE_BAND", f"{low},{high} is not low,high with 0 <= low <= high <= 1")
         if self.task_time_limit_s <= 0:
             raise SettingsError("TASK_TIME_LIMIT_S", "must be a positive number of seconds")
-        if self.visibility_timeout_s <= self.task_time_limit_s + 30:
-            raise SettingsError("VISIBILITY_TIMEOUT_S", "must exceed TASK_TIME_LIMIT_S + 30, or running tasks "
-                                "would be delivered twice")
+        longest = self.task_time_limit_s + 30
+        if self.visibility_timeout_s <= longest:
+            raise SettingsError("VISIBILITY_TIMEOUT_S", f"{self.visibility_timeout_s:g} s must exceed the longest "
+                                f"task, TASK_TIME_LIMIT_S + 30 ({longest:g} s), or Redis delivers running tasks "
+                                "a second time")
         if not 0 <= self.metrics_port <= 65535:
             raise SettingsError("METRICS_PORT", "must be a TCP port (1-65535), or 0 for no endpoint")
         if self.torch_threads < 0:
@@ -193,6 +214,18 @@ class Settings:
         for name in ("celery_broker_url", "celery_result_backend"):
             if "://" not in getattr(self, name):
                 raise SettingsError(name.upper(), "must be a URL such as redis://host:6379/0")
+            if problem := tls_problem(getattr(self, name), self.redis_tls_insecure):
+                raise SettingsError(name.upper(), problem)
+        if self.redis_socket_timeout_s < 1:
+            raise SettingsError("REDIS_SOCKET_TIMEOUT_S", "must be at least 1 second")
+        if self.redis_health_check_interval_s < 0:
+            raise SettingsError("REDIS_HEALTH_CHECK_INTERVAL_S", "must be 0 (off) or a number of seconds")
+        if self.stop_grace_period_s is not None and self.stop_grace_period_s < longest:
+            raise SettingsError("STOP_GRACE_PERIOD_S", f"{self.stop_grace_period_s:g} s is shorter than "
+                                f"TASK_TIME_LIMIT_S + 30 ({longest:g} s): a stopping worker would be killed with "
+                                "tasks running; raise the grace period (compose stop_grace_period) with it")
+        if not _is_host(self.metrics_bind):
+            raise SettingsError("METRICS_BIND", f"{self.metrics_bind!r} is not an IP address or host name")
 
     @property
     def snapshot_path(self) -> Path:
@@ -251,6 +284,14 @@ def _parse(name: str, kind: object, raw: str) -> object:
     if kind == "tuple[str, ...]":
         return tuple(dict.fromkeys(p.strip().lower() for p in raw.split(",") if p.strip()))
     return raw.lower() if name in ("torch_dtype", "device", "model_loader", "quantization_bits") else raw
+
+
+def _is_host(value: str) -> bool:
+    try:
+        ipaddress.ip_address(value)
+        return True
+    except ValueError:
+        return bool(re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,252}[A-Za-z0-9])?", value))
 
 
 def _choice(var: str, value: str, allowed: tuple[str, ...]) -> None:

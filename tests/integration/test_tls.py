@@ -1,10 +1,13 @@
 """TLS to Redis: a worker and a producer reach a TLS-only redis-server through ``rediss://`` URLs that
-verify its certificate against a CA of the test's own."""
+verify its certificate against a CA of the test's own, and refuse URLs that would not check it."""
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 from urllib.parse import quote
@@ -12,7 +15,7 @@ from urllib.parse import quote
 import pytest
 import redis
 
-from tests.conftest import free_port
+from tests.conftest import ROOT, free_port
 from tests.integration.helpers import client_for, wait_until_serving
 
 pytestmark = pytest.mark.integration
@@ -95,3 +98,51 @@ def test_worker_and_producer_over_verified_tls(worker_factory, models, tls_redis
     assert "insecure" not in log.lower() and "CERT_NONE" not in log, "certificate checks were turned off"
     print(f"\nTLS: one classification over rediss:// (CA-verified) in {round_trip * 1000:.0f} ms")
     client.close()
+
+
+def _producer_cli(broker: str, backend: str, *args: str, **env: str) -> subprocess.CompletedProcess:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("CELERY_", "REDIS_"))}
+    environ.update(CELERY_BROKER_URL=broker, CELERY_RESULT_BACKEND=backend, **env)
+    return subprocess.run([sys.executable, "-m", "producer", "--timeout", "120", *args], cwd=ROOT, env=environ,
+                          capture_output=True, text=True, timeout=180)
+
+
+def test_unverified_tls_is_refused_on_both_sides_and_the_opt_out_is_loud(worker_factory, models, tls_redis):
+    """kombu alone would connect to this server without checking its certificate (one warning), and
+    serve; here a rediss:// broker URL without ssl_cert_reqs stops the worker and the producer with one
+    line naming it, and ssl_cert_reqs=none works only when REDIS_TLS_INSECURE says so, warned about."""
+    port, ca = tls_redis
+    verified = f"ssl_cert_reqs=required&ssl_ca_certs={quote(str(ca), safe='')}"
+    unchecked = f"rediss://127.0.0.1:{port}/0"  # the URL an operator forgets to finish
+    backend = f"rediss://127.0.0.1:{port}/1?{verified}"
+
+    refused = worker_factory(models.env(PRELOAD_MODELS="koelectra"), pool="solo", name="unchecked",
+                             urls=(unchecked, backend))
+    try:
+        code = refused.process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"the worker did not refuse the URL:\n{refused.log()[-3000:]}") from None
+    lines = [line for line in refused.log().splitlines() if "ssl_cert_reqs" in line]
+    assert code != 0 and lines == ["worker: invalid setting CELERY_BROKER_URL: a rediss:// URL must say "
+                                   "ssl_cert_reqs=required (and ssl_ca_certs=/path/ca.crt for a private CA); "
+                                   "without it kombu connects without checking the server's certificate"]
+    cli = _producer_cli(unchecked, backend, "classify", "무료 쿠폰")
+    assert cli.returncode == 2 and cli.stdout == ""
+    assert cli.stderr.strip() == f"producer classify: invalid setting {lines[0].split('invalid setting ')[1]}"
+    cli = _producer_cli(f"{unchecked}?ssl_cert_reqs=none", backend, "classify", "무료 쿠폰")
+    assert cli.returncode == 2 and "REDIS_TLS_INSECURE=true" in cli.stderr  # none needs the opt-out
+
+    insecure = f"rediss://127.0.0.1:{port}/{{}}?ssl_cert_reqs=none"
+    worker = worker_factory(models.env(PRELOAD_MODELS="koelectra", REDIS_TLS_INSECURE="true"), pool="solo",
+                            name="insecure", urls=(insecure.format(0), insecure.format(1)))
+    cli = _producer_cli(insecure.format(0), insecure.format(1), "classify", "무료 쿠폰", "--model", "koelectra",
+                        REDIS_TLS_INSECURE="true")
+    assert cli.returncode == 0, cli.stderr
+    assert json.loads(cli.stdout)["model"] == "koelectra"
+    assert [line for line in cli.stderr.splitlines() if "ssl_cert_reqs=none" in line] == [
+        f"WARNING {variable} connects with ssl_cert_reqs=none (REDIS_TLS_INSECURE=true): the server's certificate "
+        "is not checked, so anyone in between can read the messages and the password"
+        for variable in ("CELERY_BROKER_URL", "CELERY_RESULT_BACKEND")]
+    log = worker.log()
+    for variable in ("CELERY_BROKER_URL", "CELERY_RESULT_BACKEND"):
+        assert f"{variable} connects with ssl_cert_reqs=none (REDIS_TLS_INSECURE=true)" in log, log[-3000:]

@@ -33,13 +33,14 @@ from celery.exceptions import WorkerShutdown
 from celery.signals import worker_process_init
 from celery.worker import state
 
+from producer.connection import insecure_warnings
 from worker.errors import ModelLoadError, first_line
 from worker.lifecycle import follow, prefetch, reload  # noqa: F401 (reload: its control commands)
 from worker.lifecycle.fleet import fleet
 from worker.lifecycle.registry import registry
 from worker.serving import time_limits
 from worker.settings import Settings
-from worker.telemetry import metrics, stats
+from worker.telemetry import metrics, peers, stats
 
 log = logging.getLogger(__name__)
 
@@ -97,25 +98,29 @@ def install(app, settings: Settings) -> None:
                 stats.process_stats.attach(_Shared.stats_folder, "main")
 
         def start(self, worker):
+            for line in insecure_warnings(settings.celery_broker_url, settings.celery_result_backend):
+                log.warning("%s", line)
             if settings.metrics_port:
-                metrics.serve(settings.metrics_port, _Shared.metrics_folder, lambda: _live_pids(worker))
+                metrics.serve(settings.metrics_port, settings.metrics_bind, _Shared.metrics_folder,
+                              lambda: _live_pids(worker))
             # The consumer starts after this step: no message is fetched until every child is ready.
             if _Shared.forks:
                 _wait_for_children(worker.concurrency, settings.load_timeout_s)
             threading.Thread(target=_supervise, name="lifecycle", daemon=True).start()
+            peers.start(app, worker.hostname, settings.visibility_timeout_s)
 
         def stop(self, worker):
             # Runs before the pool stops (this step requires it): let waiting children exit.
             if _Shared.release is not None:
                 _Shared.release.value = True
             fleet.stop()
-
-        def shutdown(self, worker):
-            stats.remove_folder(_Shared.stats_folder)
+            peers.stop()
+            # No shutdown(): Celery never calls it on a worker step; the folders go when the process
+            # exits (worker.telemetry.folders).
 
         def info(self, worker):
             """Extra ``inspect stats`` keys, shown by Flower: every live process's figures."""
-            return stats.collect(_Shared.stats_folder, _live_pids(worker))
+            return {**peers.figures(), **stats.collect(_Shared.stats_folder, _live_pids(worker))}
 
         terminate = stop
 

@@ -1,9 +1,11 @@
 """A Prometheus endpoint with the worker's own figures; off unless ``METRICS_PORT`` is set.
 
-prometheus_client's multiprocess mode: every process writes its values to files in
-``PROMETHEUS_MULTIPROC_DIR`` and the main process serves their sum. Gauges are per live process
-(``pid`` label); the files of processes that died are removed at each scrape. Flower's own
-``/metrics`` covers task events; these are the load, memory and latency figures it cannot see.
+prometheus_client's multiprocess mode: every process writes its values to files in one folder and
+the main process serves their sum. Each worker has a folder of its own, inside
+``PROMETHEUS_MULTIPROC_DIR`` when that is set (two workers sharing it must neither delete nor sum
+each other's files), removed when the worker exits. Gauges are per live process (``pid`` label);
+the files of processes that died are removed at each scrape. Flower's own ``/metrics`` covers
+task events; these are the load, memory and latency figures it cannot see.
 """
 
 from __future__ import annotations
@@ -11,16 +13,19 @@ from __future__ import annotations
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from worker.telemetry import folders
 
 if TYPE_CHECKING:
     from worker.loading.base import LoadedModel
 
 log = logging.getLogger(__name__)
 
+FOLDER_PREFIX = "spam-metrics-"
+_OWN_FOLDER = re.compile(re.escape(FOLDER_PREFIX) + r"\d+-")
 _metrics: _Metrics | None = None
 _PID_FILE = re.compile(r"_(\d+)\.db$")
 _served: dict[str, str] = {}  # model -> the version this process serves
@@ -53,27 +58,28 @@ class _Metrics:
 
 
 def enable() -> Path:
-    """Switch prometheus_client to multiprocess mode; call in the main process before the fork.
+    """Switch prometheus_client to multiprocess mode in a folder of this worker's own; call in the
+    main process before the fork (the children find the folder in ``PROMETHEUS_MULTIPROC_DIR``).
 
-    The ``celery`` command imports prometheus_client before our code runs, so when the variable
-    was not set beforehand the value class is chosen again here.
+    The ``celery`` command imports prometheus_client before our code runs, so the value class is
+    chosen again here, once the variable names the worker's folder.
     """
     global _metrics
     from prometheus_client import values
 
-    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    if not folder:
-        folder = tempfile.mkdtemp(prefix="spam-metrics-")
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
-    for stale in Path(folder).glob("*.db"):  # a previous run's values
-        stale.unlink()
+    base = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+    if base and _OWN_FOLDER.match(Path(base).name):  # this process's image before a restart set it
+        base = str(Path(base).parent)
+    folder = folders.make(FOLDER_PREFIX, base)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(folder)
     values.ValueClass = values.get_value_class()
     _metrics = _Metrics()
-    return Path(folder)
+    return folder
 
 
-def serve(port: int, folder: Path, live_pids: Callable[[], set[int]]) -> None:
-    """Serve ``/metrics`` from the main process, dropping dead processes' gauges at each scrape."""
+def serve(port: int, bind: str, folder: Path, live_pids: Callable[[], set[int]]) -> None:
+    """Serve ``/metrics`` on ``bind:port`` from the main process, dropping dead processes' gauges at
+    each scrape. It has no authentication: bind it to loopback or a private network."""
     from prometheus_client import CollectorRegistry, multiprocess, start_http_server
 
     class DeadProcessSweeper:
@@ -88,8 +94,8 @@ def serve(port: int, folder: Path, live_pids: Callable[[], set[int]]) -> None:
     registry = CollectorRegistry()
     registry.register(DeadProcessSweeper())
     multiprocess.MultiProcessCollector(registry, path=str(folder))
-    start_http_server(port, registry=registry)
-    log.info("Prometheus metrics on :%d/metrics", port)
+    start_http_server(port, addr=bind, registry=registry)
+    log.info("Prometheus metrics on %s:%d/metrics", bind, port)
 
 
 def record_load(name: str, loaded: LoadedModel) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import sys
 import tempfile
 import threading
@@ -25,7 +24,7 @@ from pathlib import Path
 from statistics import quantiles
 from typing import TYPE_CHECKING, Any
 
-from worker.telemetry import metrics
+from worker.telemetry import folders, metrics
 
 if TYPE_CHECKING:
     from worker.loading.base import LoadedModel
@@ -196,14 +195,18 @@ class ProcessStats:
                 return
 
 
+FOLDER_PREFIX = "spam-worker-"
+
+
 def make_folder() -> Path:
-    """A private folder on tmpfs (where available) for this worker's processes to publish into."""
+    """A private folder on tmpfs (where available) for this worker's processes to publish into,
+    removed when the worker exits (:mod:`worker.telemetry.folders`)."""
     base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
-    return Path(tempfile.mkdtemp(prefix=f"spam-worker-{os.getpid()}-", dir=base))
+    return folders.make(FOLDER_PREFIX, base)
 
 
 def remove_folder(folder: Path) -> None:
-    shutil.rmtree(folder, ignore_errors=True)
+    folders.remove(folder)
 
 
 def collect(folder: Path, live_pids: set[int]) -> dict[str, Any]:
