@@ -93,7 +93,7 @@ class BaseLoader(ABC):
                 placement = Placement.for_model(source.name, self.settings)
             weights = self.load_weights(plan, placement, timer)
             with timer.stage("version"):
-                version = model_version(plan, self.settings.use_safetensors)
+                version = model_version(plan, self.settings)
             with timer.stage("tokenizer"):
                 tokenizer = planning.load_tokenizer(plan)
         weights.model.eval()
@@ -117,7 +117,7 @@ class BaseLoader(ABC):
             if plan.prompt is not None:
                 plan.prompt.label_ids(planning.load_tokenizer(plan))
             self.prepare_weights(plan, Placement.for_model(source.name, self.settings))
-            return model_version(plan, self.settings.use_safetensors)
+            return model_version(plan, self.settings)
 
     def prepare_weights(self, plan: planning.LoadPlan, placement: Placement) -> None:  # noqa: B027 - a hook
         """Write whatever ``load_weights`` will read (nothing for the reference path)."""
