@@ -209,3 +209,10 @@ def test_unmerged_merged_and_peft_paths_agree(models, korean_adapter, tmp_path, 
             scores[path] = [r.spam_score for r in results]
         for path in ("unmerged", "peft"):
             assert scores[path] == pytest.approx(scores["merged"], abs=TOLERANCE[dtype]), (name, path)
+
+
+def test_precision_names_the_quantized_format_or_the_dtype():
+    from worker.serving.score import precision_of
+
+    assert precision_of("bfloat16", "4bit") == "nf4" and precision_of("float16", "8bit") == "int8"
+    assert precision_of("bfloat16", None) == "bfloat16" and precision_of("float32", None) == "float32"
