@@ -89,6 +89,10 @@ def test_ordinary_messages_keep_exactly_the_ids_of_the_plainly_encoded_prompt(to
     for text in ORDINARY:
         assert frame.ids(tokenizer, text) == tokenizer(chosen.render(tokenizer, text), add_special_tokens=False)[
             "input_ids"], text
+        # The plain encoding it takes for them is what sanitizing gives too.
+        assert frame.ids(tokenizer, text) == tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], chat_template=frame.template, tokenize=True,
+            sanitize_control_tokens=True, return_dict=False), text
 
 
 def test_control_strings_in_a_message_are_plain_text_and_the_templates_stay(tokenizer):

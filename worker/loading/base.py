@@ -110,12 +110,15 @@ class BaseLoader(ABC):
 
     def prepare(self, source: ModelSource) -> str:
         """Make what a later ``load_model`` of ``source`` needs (a strategy's files) and check what can
-        be checked without materialising it: the plan, the adapter, the tokenizer and prompt labels.
+        be checked without materialising it: the plan, the adapter, the tokenizer, the prompt's answers
+        and how its template places the message.
         Returns the ``model_version`` the load will have; raises :class:`ModelLoadError`."""
         with _load_errors(source.name):
             plan = planning.resolve(source, self.settings)
             if plan.prompt is not None:
-                plan.prompt.label_ids(planning.load_tokenizer(plan))
+                tokenizer = planning.load_tokenizer(plan)
+                plan.prompt.answer_ids(tokenizer)
+                plan.prompt.frame(tokenizer)
             self.prepare_weights(plan, Placement.for_model(source.name, self.settings))
             return model_version(plan, self.settings)
 

@@ -23,7 +23,9 @@ control string keeps exactly the ids the plainly encoded prompt has.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass
+from dataclasses import field as dataclass_field
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +83,7 @@ class PromptContract:
         if rendered.count(_MESSAGE) != 1:
             raise ValueError(f"{self.source}: the chat template does not place the message exactly once")
         prefix, suffix = rendered.split(_MESSAGE)
-        frame = PromptFrame(prefix, suffix)
+        frame = PromptFrame(prefix, suffix, _controls(tokenizer, prefix + "\0" + suffix))
         if frame.render(tokenizer, _PROBE) != self.render(tokenizer, _PROBE):
             raise ValueError(f"{self.source}: the chat template changes the message (it must insert it as it is)")
         return frame
@@ -143,12 +145,16 @@ class PromptFrame:
     :meth:`ids` encodes it through a chat template that holds this text as literals, with
     ``sanitize_control_tokens``: transformers then encodes the control tokens in the message as
     plain text and the template's own (which it finds in the literals, and the tokenizer's special
-    tokens) as tokens. Without a control string in the message the ids are those of the whole
-    prompt string encoded plainly, so ordinary messages score exactly as they always did.
+    tokens) as tokens. A message without any control string is encoded as the whole prompt string,
+    plainly, which is what that gives too, at a third of the cost: ordinary messages score exactly
+    as they always did.
     """
 
     prefix: str
     suffix: str
+    controls: re.Pattern = dataclass_field(compare=False, repr=False)
+    """Any control token (the tokenizer's special tokens and the added tokens the template writes),
+    or one of the markers transformers drops from a message it sanitizes."""
 
     @property
     def template(self) -> str:
@@ -160,8 +166,18 @@ class PromptFrame:
 
     def ids(self, tokenizer: Any, text: str) -> list[int]:
         """The prompt's token ids for ``text``, no special tokens added (the template brings its own)."""
+        if not self.controls.search(text):
+            return tokenizer(self.prefix + text + self.suffix, add_special_tokens=False)["input_ids"]
         return list(tokenizer.apply_chat_template([{"role": "user", "content": text}], chat_template=self.template,
                                                   tokenize=True, sanitize_control_tokens=True, return_dict=False))
+
+
+def _controls(tokenizer: Any, template_text: str) -> re.Pattern:
+    """A superset of the tokens ``sanitize_control_tokens`` treats as control tokens in a message
+    (special ones, and added ones in the template's text), and its two private-use markers."""
+    tokens = {t.content for t in tokenizer.added_tokens_decoder.values() if t.special or t.content in template_text}
+    alternatives = sorted(map(re.escape, tokens | {"\U000f0000", "\U000f0001"}), key=len, reverse=True)
+    return re.compile("|".join(alternatives))
 
 
 def _literal(text: str) -> str:
