@@ -92,10 +92,10 @@ class BaseLoader(ABC):
                 plan = planning.resolve(source, self.settings)
                 placement = Placement.for_model(source.name, self.settings)
             weights = self.load_weights(plan, placement, timer)
-            with timer.stage("version"):
-                version = model_version(plan, self.settings)
             with timer.stage("tokenizer"):
                 tokenizer = planning.load_tokenizer(plan)
+            with timer.stage("version"):  # last: a Hub id's files, tokenizer included, are in the cache now
+                version = model_version(plan, self.settings)
         weights.model.eval()
         stages = ", ".join(f"{k} {v:.2f}s" for k, v in timer.seconds.items())
         log.info("loaded %s version %s from %s (%s) in %.2fs (%s)", source.name, version, _where(source.model),
