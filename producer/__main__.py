@@ -10,7 +10,8 @@
 Every error is one line on stderr, ``producer <command>: <what went wrong>``, and an exit code:
 
     0    done
-    1    a task was refused or failed (ModelUnavailable, ClassificationFailed, ...), or a batch job stopped
+    1    a task was refused or failed (ModelUnavailable, ClassificationFailed, ...), a batch job stopped, or
+         evaluate had more records fail than --max-errors (its report is written all the same)
     2    invalid input or usage: a text the workers refuse (InvalidInput), a bad option, file, label or setting
     3    the broker or the result backend cannot be reached (checked first, within a few seconds)
     4    no result within --timeout
@@ -87,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("evaluate", help="score a labeled .csv/.jsonl file and write a metrics report (JSON)",
                         **common)
-    ev.add_argument("input", type=Path, help="records with a text and a spam/ham, 1/0 or true/false label")
+    ev.add_argument("input", type=Path, help="records with a text and a spam/ham, 스팸/정상, 1/0 or true/false label")
     ev.add_argument("--out", type=Path, required=True, help="the report (JSON)")
     ev.add_argument("--plot", type=Path, help="also draw score histograms, PR curves and the cascade (PNG)")
     ev.add_argument("--model", choices=("auto", "koelectra", "exaone", "all"), default="auto",
@@ -98,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "CASCADE_BAND from the environment or .env, else 0.2,0.8; empty: no escalation)")
     ev.add_argument("--chunk-size", type=_positive, default=64, help="texts per batch task")
     ev.add_argument("--window", type=_positive, default=8, help="batch tasks in flight at once")
+    ev.add_argument("--max-errors", type=_non_negative, default=0,
+                    help="records the workers may fail to score before the command exits 1 (default 0)")
     ev.add_argument("--no-progress", action="store_true")
 
     sub.add_parser("stats", help="print every worker's models, load figures and memory", **common)
@@ -243,6 +246,10 @@ def _serve(client: SpamClient, args: argparse.Namespace, prepared: tuple | None)
         report = evaluate(client, args, *prepared)
         print(summary(report), file=sys.stderr)
         print(f"report -> {args.out}" + (f", figure -> {args.plot}" if args.plot else ""), file=sys.stderr)
+        failed = report["failed_records"]
+        if failed > args.max_errors:
+            raise CliError(f"{failed} of {report['records']} records could not be scored, more than --max-errors "
+                           f"({args.max_errors}); their errors are counted in {args.out}", EXIT_FAILED)
         return 0
     return _batch(client, args)
 
@@ -290,6 +297,13 @@ def _positive(value: str) -> int:
     number = int(value)
     if number < 1:
         raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return number
+
+
+def _non_negative(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"{value} is not a whole number of 0 or more")
     return number
 
 

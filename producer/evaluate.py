@@ -1,12 +1,18 @@
 """``python -m producer evaluate``: score a labeled file through the fleet and report how each model does.
 
-The file (``.csv`` or ``.jsonl``, a text field and a ``spam``/``ham``, ``1``/``0`` or ``true``/``false``
-label) is read twice, lazily: once to check every record and count the labels before anything is
+The file (``.csv`` or ``.jsonl``, a text field and a ``spam``/``ham``, ``스팸``/``정상``, ``1``/``0`` or
+``true``/``false`` label) is read twice, lazily: once to check every record and count the labels before anything is
 sent, then once per model, streamed through :meth:`SpamClient.classify_many` (``spam.classify_batch``
 tasks, at most ``window`` in flight). Only the labels, scores and predicted labels are kept, as
 compact arrays. With ``--model all`` KoELECTRA and EXAONE each score every message, one after the
 other (so each pass's messages per second are its own), and the report adds the cascade over a
 grid of bands and an ``auto`` entry derived from the two score sets at the configured band.
+
+A fleet can serve one model in several ``(model_version, precision)`` pairs (a retrained adapter
+rolling out; bfloat16 GPU hosts beside float32 CPU ones): a model's entry then also reports each
+pair's own metrics, under ``by_version`` (``model_precision`` there and in the entry: ``precision`` is
+the metric). Records the workers could not score are counted; the
+command fails when there are more than ``--max-errors`` (:func:`failed_records`).
 
 The metric maths is in :mod:`producer.metrics_report`, the figure in :mod:`producer.plot`; both need
 the ``eval`` extra (scikit-learn, matplotlib), which the producer's base install leaves out.
@@ -33,6 +39,8 @@ EXTRA_HINT = "evaluate needs the eval extra (scikit-learn, matplotlib): pip inst
 DEFAULT_THRESHOLD = 0.5
 DEFAULT_BAND = "0.2,0.8"
 CHOICES = ("auto", "koelectra", "exaone", "all")
+UNKNOWN = "unknown"
+"""The version or precision of a result that names none (a worker of an older release)."""
 
 
 class EvaluationError(ValueError):
@@ -122,22 +130,32 @@ class Run:
     escalated: int = 0
     errors: int = 0
     versions: set = field(default_factory=set)
+    precisions: set = field(default_factory=set)
     koelectra_versions: set = field(default_factory=set)
     elapsed_s: float = 0.0
+    pairs: dict = field(default_factory=dict)
+    """``{(model_version, precision): index}`` of the pairs that decided, in the order first seen."""
+    pair_of: array = field(default_factory=lambda: array("i"))
+    """Per record, the index of its pair in :attr:`pairs` (-1 for an item error)."""
 
     def add(self, result: dict) -> None:
         if "error" in result:
             self.errors += 1
             self.scores.append(math.nan)
             self.predicted.append(-1)
+            self.pair_of.append(-1)
             return
         self.scores.append(float(result["spam_score"]))
         self.predicted.append(int(result["label"] == "spam"))
         self.escalated += bool(result.get("escalated"))
         if "model_version" in result:
             self.versions.add(result["model_version"])
+        if "precision" in result:
+            self.precisions.add(result["precision"])
         if "koelectra_version" in result:
             self.koelectra_versions.add(result["koelectra_version"])
+        pair = (result.get("model_version") or UNKNOWN, result.get("precision") or UNKNOWN)
+        self.pair_of.append(self.pairs.setdefault(pair, len(self.pairs)))
 
 
 def classify_all(client, labeled: Labeled, model: str, chunk_size: int = 64, window: int = 8,
@@ -173,10 +191,20 @@ def model_entry(y, run: Run, threshold: float) -> dict:
     ok = ~np.isnan(scores)
     labels = np.frombuffer(y, dtype=np.int8)
     entry = {"model_version": version_field(run.versions)}
+    if run.precisions:  # "precision" is the metric: this is what the weights computed in
+        entry["model_precision"] = version_field(run.precisions)
     if run.koelectra_versions:
         entry["koelectra_version"] = version_field(run.koelectra_versions)
-    predicted = np.frombuffer(run.predicted, dtype=np.int8)[ok]
+    all_predicted = np.frombuffer(run.predicted, dtype=np.int8)
+    predicted = all_predicted[ok]
     entry.update(binary_metrics(labels[ok], predicted, scores[ok]))
+    if len(run.pairs) > 1:
+        pair_of = np.frombuffer(run.pair_of, dtype=np.int32)
+        entry["by_version"] = [
+            {"model_version": version, "model_precision": precision,
+             **binary_metrics(labels[pair_of == i], all_predicted[pair_of == i], scores[pair_of == i])}
+            for (version, precision), i in sorted(run.pairs.items())
+        ]
     if disagree := int(((scores[ok] >= threshold) != (predicted == 1)).sum()):
         entry.setdefault("notes", []).append(
             f"{disagree} labels disagree with spam_score >= {threshold}: the workers use another SPAM_THRESHOLD")
@@ -186,6 +214,17 @@ def model_entry(y, run: Run, threshold: float) -> dict:
     entry["elapsed_s"] = round(run.elapsed_s, 3)
     entry["messages_per_second"] = round(len(run.scores) / run.elapsed_s, 2) if run.elapsed_s > 0 else None
     return entry
+
+
+def failed_records(runs: dict[str, Run]) -> int:
+    """Records that some pass could not score (an item error), each counted once."""
+    import numpy as np
+
+    failed = None
+    for run in runs.values():
+        mask = np.isnan(np.frombuffer(run.scores, dtype=float))
+        failed = mask if failed is None else failed | mask
+    return int(failed.sum()) if failed is not None else 0
 
 
 def derived_auto(y, koelectra: Run, exaone: Run, band, threshold: float) -> tuple[dict, dict | None]:
@@ -199,9 +238,13 @@ def derived_auto(y, koelectra: Run, exaone: Run, band, threshold: float) -> tupl
     k, e = np.frombuffer(koelectra.scores, dtype=float), np.frombuffer(exaone.scores, dtype=float)
     ok = ~(np.isnan(k) | np.isnan(e))
     predicted, scores, escalated = cascade_labels(k[ok], e[ok], band, threshold)
-    deciders = (koelectra.versions if not escalated.all() else set()) | (exaone.versions if escalated.any() else set())
+    kept, sent = not escalated.all(), escalated.any()
+    deciders = (koelectra.versions if kept else set()) | (exaone.versions if sent else set())
+    precisions = (koelectra.precisions if kept else set()) | (exaone.precisions if sent else set())
     entry = {"derived": "cascade at the configured band", "band": None if band is None else list(band),
              "model_version": version_field(deciders)}
+    if precisions:
+        entry["model_precision"] = version_field(precisions)
     entry.update(binary_metrics(labels[ok], predicted, scores))
     entry.update(errors=int((~ok).sum()), escalated=float(escalated.mean()) if ok.any() else 0.0,
                  messages_per_second=None)
@@ -225,6 +268,7 @@ def build_report(labeled: Labeled, runs: dict[str, Run], threshold: float, band,
         "band": None if band is None else list(band),
         "band_source": band_source,
         "models": {name: model_entry(labeled.y, run, threshold) for name, run in runs.items()},
+        "failed_records": failed_records(runs),
     }
     section = None
     if choice == "all":

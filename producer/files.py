@@ -1,4 +1,8 @@
-"""Read texts from text, CSV or JSONL files and write results as JSONL or CSV, streaming both."""
+"""Read texts from text, CSV or JSONL files and write results as JSONL or CSV, streaming both.
+
+Files are read as people save them: a UTF-8 byte-order mark (Excel's "CSV UTF-8") is dropped, and
+CRLF line ends are fine; labels may be spam/ham, 스팸/정상, 1/0 or true/false in any case.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
+ENCODING = "utf-8-sig"
+"""UTF-8, with or without the byte-order mark Excel writes first."""
 INPUT_FORMATS = ("txt", "csv", "jsonl")
 OUTPUT_FORMATS = ("jsonl", "csv")
 OUTPUT_COLUMNS = ("index", "label", "spam_score", "model", "model_version", "precision", "escalated", "koelectra_score",
@@ -27,7 +33,7 @@ def detect_format(path: Path, allowed: tuple[str, ...], given: str | None = None
 def read_texts(path: Path, fmt: str, field: str = "text") -> Iterator[str]:
     """Yield one text per record; a record that cannot be read is an error naming its line."""
     try:
-        with path.open(encoding="utf-8", newline="") as fh:
+        with path.open(encoding=ENCODING, newline="") as fh:
             if fmt == "txt":
                 for line in fh:
                     yield line.rstrip("\r\n")
@@ -94,8 +100,10 @@ class ResultWriter:
             self.fh.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-LABEL_WORDS = {"spam": True, "1": True, "true": True, "ham": False, "0": False, "false": False}
+LABEL_WORDS = {"spam": True, "스팸": True, "1": True, "true": True,
+               "ham": False, "정상": False, "0": False, "false": False}
 """Accepted labels (case-insensitive, surrounding whitespace ignored): spam is the positive class."""
+LABEL_HINT = "spam/ham, 스팸/정상, 1/0 or true/false"
 
 
 def parse_label(raw: object) -> bool:
@@ -109,7 +117,7 @@ def parse_label(raw: object) -> bool:
         found = LABEL_WORDS.get(raw.strip().lower())
         if found is not None:
             return found
-    raise ValueError(f"label {raw!r} is not spam/ham, 1/0 or true/false")
+    raise ValueError(f"label {raw!r} is not {LABEL_HINT}")
 
 
 def read_labeled(path: Path, fmt: str, field: str = "text", label_field: str = "label") -> Iterator[tuple[str, bool]]:
@@ -118,7 +126,7 @@ def read_labeled(path: Path, fmt: str, field: str = "text", label_field: str = "
     if fmt not in ("csv", "jsonl"):
         raise ValueError(f"{path}: a labeled file is .csv or .jsonl, not {fmt!r}")
     try:
-        with path.open(encoding="utf-8", newline="") as fh:
+        with path.open(encoding=ENCODING, newline="") as fh:
             for number, (text, raw) in _records(path, fh, fmt, (field, label_field)):
                 try:
                     yield text, parse_label(raw)

@@ -138,6 +138,10 @@ def summary(report: dict) -> str:
         lines.append(f"{name:<10} {m['n']:>6} {m['errors']:>4} {fmt(m['accuracy']):>6} {fmt(m['precision']):>6} "
                      f"{fmt(m['recall']):>6} {fmt(m['f1']):>6} {fmt(m['roc_auc']):>7} {fmt(m['pr_auc']):>6} "
                      f"{fmt(m['brier']):>6} {rate:>8}")
+        for part in m.get("by_version", ()):
+            lines.append(f"  {part['model_version']} {part['model_precision']}: n {part['n']}, "
+                         f"acc {fmt(part['accuracy'])}, f1 {fmt(part['f1'])}, roc_auc {fmt(part['roc_auc'])}, "
+                         f"brier {fmt(part['brier'])}")
         lines.extend(f"  note: {note}" for note in m.get("notes", ()))
     if cascade := report.get("cascade"):
         band = lambda r: "none (no escalation)" if r["low"] is None else f"{r['low']:g},{r['high']:g}"  # noqa: E731

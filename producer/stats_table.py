@@ -11,7 +11,7 @@ from typing import Any
 MODEL_COLUMNS = [
     ("model", "model"), ("version", "version"), ("load_s", "load s"), ("source", "source"),
     ("bytes_read_mb", "MB read"), ("read_gbps", "GB/s"), ("device", "device"), ("dtype", "dtype"),
-    ("quantization", "quant"),
+    ("quantization", "quant"), ("precision", "precision"),
 ]
 PROCESS_COLUMNS = [
     ("rss_mb", "RSS MB"), ("pss_mb", "PSS MB"), ("tasks_done", "done"), ("tasks_failed", "failed"),

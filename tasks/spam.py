@@ -83,16 +83,17 @@ def join_chunks(chunks: list[list[dict]]) -> list[dict]:
 
 
 @app.task(name=ESCALATE, throws=_ERRORS)
-def escalate(text: str, koelectra_score: float, koelectra_version: str = "") -> dict:
+def escalate(text: str, koelectra_score: float, koelectra_version: str = "", koelectra_precision: str = "") -> dict:
     """EXAONE's decision on a message KoELECTRA was unsure about (sent by a KoELECTRA-only worker)."""
     with process_stats.task():
-        return _result("exaone", _score_one("exaone", text), Score(koelectra_score, False, version=koelectra_version))
+        first = Score(koelectra_score, False, version=koelectra_version, precision=koelectra_precision)
+        return _result("exaone", _score_one("exaone", text), first)
 
 
 @app.task(name=ESCALATE_BATCH, throws=_ERRORS)
 def escalate_batch(results: list, items: list, offset: int) -> list[dict]:
-    """Fill in EXAONE's decisions for the ``[index, text, koelectra_score, koelectra_version]`` items
-    of ``results``."""
+    """Fill in EXAONE's decisions for the ``[index, text, koelectra_score, koelectra_version,
+    koelectra_precision]`` items of ``results``."""
     with process_stats.task() as record:
         record.batch_size = len(items)
         _escalate_items(results, [_escalation_item(item) for item in items], offset)
@@ -100,9 +101,11 @@ def escalate_batch(results: list, items: list, offset: int) -> list[dict]:
 
 
 def _escalation_item(item: list) -> tuple[int, str, Score]:
-    """``[index, text, koelectra_score, koelectra_version]``; a worker of an older release sends no version."""
-    index, text, score, *version = item
-    return index, text, Score(score, False, version=version[0] if version else "")
+    """``[index, text, koelectra_score, koelectra_version, koelectra_precision]``; a worker of an older
+    release sends no version or no precision."""
+    index, text, score, *named = item
+    version, precision = (named + ["", ""])[:2]
+    return index, text, Score(score, False, version=version, precision=precision)
 
 
 def _classify_one(request, text: str, model: str) -> dict | Signature:
@@ -117,7 +120,7 @@ def _classify_one(request, text: str, model: str) -> dict | Signature:
         return _result("koelectra", first)
     if registry.has("exaone"):
         return _result("exaone", _score_one("exaone", text), first)
-    return escalate.si(text, first.spam_score, first.version).set(queue=queue_for("exaone"))
+    return escalate.si(text, first.spam_score, first.version, first.precision).set(queue=queue_for("exaone"))
 
 
 def _classify_items(texts: list, model: str, offset: int, record: TaskRecord) -> list[dict] | Signature:
@@ -141,7 +144,7 @@ def _classify_items(texts: list, model: str, offset: int, record: TaskRecord) ->
         else:
             results[i] = _result(name, score)
     if unsure and not registry.has("exaone"):
-        items = [[i, text, first.spam_score, first.version] for i, text, first in unsure]
+        items = [[i, text, first.spam_score, first.version, first.precision] for i, text, first in unsure]
         return escalate_batch.si(results, items, offset).set(queue=queue_for("exaone"))
     _escalate_items(results, unsure, offset)
     return results
@@ -187,16 +190,19 @@ def _uncertain(score: Score) -> bool:
 
 
 def _result(model: str, score: Score, first: Score | None = None) -> dict:
-    """The result of ``model``'s ``score``; ``first`` is KoELECTRA's when the cascade escalated."""
+    """The result of ``model``'s ``score``; ``first`` is KoELECTRA's when the cascade escalated. The
+    version and precision say which weights decided, and in what."""
     result = {
         "label": LABEL_SPAM if score.spam_score >= settings.spam_threshold else LABEL_HAM,
         "spam_score": score.spam_score,
         "model": model,
         "model_version": score.version,
+        "precision": score.precision,
         "escalated": first is not None,
         "truncated": score.truncated,
     }
     if first is not None:
         result["koelectra_score"] = first.spam_score
         result["koelectra_version"] = first.version
+        result["koelectra_precision"] = first.precision
     return result

@@ -76,6 +76,7 @@ def test_cascade_in_one_worker_escalates_only_the_uncertain(threads_worker, refe
             escalated += 1
             assert result["model"] == "exaone" and result["koelectra_score"] >= band
             assert len(result["koelectra_version"]) == 12 and result["koelectra_version"] != result["model_version"]
+            assert result["precision"] == result["koelectra_precision"] == "float32"
             assert result["koelectra_score"] == pytest.approx(reference["koelectra"][i], abs=1e-5)
             assert result["spam_score"] == pytest.approx(reference["exaone"][i], abs=1e-5)
         else:

@@ -125,7 +125,7 @@ def test_a_stream_of_tasks_runs_through_a_reload_exactly_once(worker_factory, mo
     assert len(outcomes_seen) == len(after) and set(outcomes_seen.values()) == {"switched"}, stats
     metrics = _metrics(metrics_port)
     for pid in after:
-        assert metrics[("spam_model_info", f'model="exaone",pid="{pid}",version="{new}"')] == 1
+        assert metrics[("spam_model_info", f'model="exaone",pid="{pid}",precision="float32",version="{new}"')] == 1
         assert metrics[("spam_reload_seconds", f'outcome="switched",pid="{pid}"')] > 0
         assert metrics[("spam_reload_timestamp_seconds", f'pid="{pid}"')] > time.time() - 300
 

@@ -64,6 +64,7 @@ def test_cascade_escalates_from_a_koelectra_worker_to_the_exaone_queue(fleet):
     assert result["spam_score"] == pytest.approx(final["spam_score"], abs=1e-6)
     versions = {"model_version": final["model_version"], "koelectra_version": first["model_version"]}
     assert {k: result[k] for k in versions} == versions and len(set(versions.values())) == 2
+    assert result["precision"] == result["koelectra_precision"] == "float32"  # carried by spam.escalate
 
     texts = [f"{TEXTS[i % 3]} {i}" for i in range(10)]
     texts[6] = "   "
@@ -74,4 +75,5 @@ def test_cascade_escalates_from_a_koelectra_worker_to_the_exaone_queue(fleet):
         assert got["escalated"] is True and got["model"] == "exaone"
         assert got["spam_score"] == pytest.approx(want["spam_score"], abs=1e-5)
         assert {k: got[k] for k in versions} == versions
+        assert got["koelectra_precision"] == "float32"  # carried by spam.escalate_batch
     assert "spam.classify_chunk" in ko.log() and "spam.escalate_batch" in ex.log()

@@ -21,7 +21,8 @@ TEXTS = [
 
 
 def _check_result(result: dict, model: str, truncated: bool | None = False) -> None:
-    assert set(result) == {"label", "spam_score", "model", "model_version", "escalated", "truncated"}
+    assert set(result) == {"label", "spam_score", "model", "model_version", "precision", "escalated", "truncated"}
+    assert result["precision"] == "float32"
     assert len(result["model_version"]) == 12
     assert result["escalated"] is False
     assert result["model"] == model

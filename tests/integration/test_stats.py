@@ -138,7 +138,8 @@ def test_flower_shows_each_childs_load_and_memory_and_drops_dead_children(worker
         assert metrics[("spam_model_load_seconds", f'model="exaone",pid="{pid}",stage="materialise"')] > 0
         assert metrics[("spam_process_memory_bytes", f'kind="pss",pid="{pid}"')] > 0
         for model, (version,) in versions.items():
-            assert metrics[("spam_model_info", f'model="{model}",pid="{pid}",version="{version}"')] == 1
+            labels = f'model="{model}",pid="{pid}",precision="float32",version="{version}"'
+            assert metrics[("spam_model_info", labels)] == 1
     assert metrics[("spam_tasks_total", 'outcome="succeeded"')] >= 8
     assert metrics[("spam_task_seconds_count", "")] >= 8
 

@@ -88,7 +88,7 @@ def test_evaluate_names_the_line_of_a_bad_label_before_connecting(tmp_path):
     run = producer("evaluate", str(path), "--out", str(tmp_path / "r.json"),
                    env={"CELERY_BROKER_URL": f"redis://127.0.0.1:{free_port()}/0"})
     assert run.returncode == 2
-    assert one_line(run) == f"producer evaluate: {path}:3: label 'maybe' is not spam/ham, 1/0 or true/false"
+    assert one_line(run) == f"producer evaluate: {path}:3: label 'maybe' is not spam/ham, 스팸/정상, 1/0 or true/false"
 
 
 @pytest.mark.parametrize("content, message", [

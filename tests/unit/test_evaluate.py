@@ -124,14 +124,15 @@ def test_one_class_only_gives_null_ranking_metrics_and_a_note(label):
 
 
 @pytest.mark.parametrize("raw, spam", [("spam", True), (" SPAM ", True), ("Ham", False), ("1", True), ("0", False),
-                                        ("true", True), (" False\t", False), (True, True), (0, False), (1, True)])
+                                        ("true", True), (" False\t", False), (True, True), (0, False), (1, True),
+                                        ("스팸", True), (" 정상 ", False), ("TRUE", True)])
 def test_parse_label_accepts(raw, spam):
     assert parse_label(raw) is spam
 
 
-@pytest.mark.parametrize("raw", ["", "yes", "2", "s pam", None, 1.0, 2, "스팸"])
+@pytest.mark.parametrize("raw", ["", "yes", "2", "s pam", None, 1.0, 2, "스팸 아님"])
 def test_parse_label_refuses(raw):
-    with pytest.raises(ValueError, match="is not spam/ham, 1/0 or true/false"):
+    with pytest.raises(ValueError, match="is not spam/ham, 스팸/정상, 1/0 or true/false"):
         parse_label(raw)
 
 

@@ -250,7 +250,7 @@ def _version_of(name: str, settings: Settings) -> str:
     from worker.lifecycle.versions import model_version
     from worker.loading import plan as planning
 
-    return model_version(planning.resolve(settings.source(name), settings), settings.use_safetensors)
+    return model_version(planning.resolve(settings.source(name), settings), settings)
 
 
 def _revert_hint(configured: Settings, name: str) -> str:

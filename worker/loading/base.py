@@ -92,10 +92,10 @@ class BaseLoader(ABC):
                 plan = planning.resolve(source, self.settings)
                 placement = Placement.for_model(source.name, self.settings)
             weights = self.load_weights(plan, placement, timer)
-            with timer.stage("version"):
-                version = model_version(plan, self.settings.use_safetensors)
             with timer.stage("tokenizer"):
                 tokenizer = planning.load_tokenizer(plan)
+            with timer.stage("version"):  # last: a Hub id's files, tokenizer included, are in the cache now
+                version = model_version(plan, self.settings)
         weights.model.eval()
         stages = ", ".join(f"{k} {v:.2f}s" for k, v in timer.seconds.items())
         log.info("loaded %s version %s from %s (%s) in %.2fs (%s)", source.name, version, _where(source.model),
@@ -110,14 +110,17 @@ class BaseLoader(ABC):
 
     def prepare(self, source: ModelSource) -> str:
         """Make what a later ``load_model`` of ``source`` needs (a strategy's files) and check what can
-        be checked without materialising it: the plan, the adapter, the tokenizer and prompt labels.
+        be checked without materialising it: the plan, the adapter, the tokenizer, the prompt's answers
+        and how its template places the message.
         Returns the ``model_version`` the load will have; raises :class:`ModelLoadError`."""
         with _load_errors(source.name):
             plan = planning.resolve(source, self.settings)
             if plan.prompt is not None:
-                plan.prompt.label_ids(planning.load_tokenizer(plan))
+                tokenizer = planning.load_tokenizer(plan)
+                plan.prompt.answer_ids(tokenizer)
+                plan.prompt.frame(tokenizer)
             self.prepare_weights(plan, Placement.for_model(source.name, self.settings))
-            return model_version(plan, self.settings.use_safetensors)
+            return model_version(plan, self.settings)
 
     def prepare_weights(self, plan: planning.LoadPlan, placement: Placement) -> None:  # noqa: B027 - a hook
         """Write whatever ``load_weights`` will read (nothing for the reference path)."""

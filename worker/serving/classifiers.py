@@ -3,9 +3,15 @@
 Two heads: a sequence-classification head (KoELECTRA, or EXAONE with a ``SEQ_CLS`` adapter) and
 an instruction prompt on a causal LM (EXAONE with a ``CAUSAL_LM`` adapter, or zero-shot), read the
 way its adapter was trained (:mod:`worker.serving.prompt`): the score compares the probabilities of the
-whole spam and ham label words, teacher-forced after the prompt, in one or two forward passes and
+whole spam and ham answers, teacher-forced after the prompt, in one or two forward passes and
 no generation. Decoder inputs are right-padded and read at each text's real positions, so a text
 gets the same positions, and so the same score, alone or in a batch.
+
+A message is always text: control strings in it (``[|endofturn|]``, ``[SEP]``) are encoded as
+plain text, never as the tokens the template or the tokenizer's post-processor write. Scores are
+summed in float32 whatever the process's default dtype (transformers changes it while a model
+loads, in another thread), and a message too long for the window is cut on a token boundary
+between characters, so the prompt never exceeds the window and never ends in half a syllable.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import torch
 from worker.loading.base import LoadedModel
 from worker.loading.plan import PROMPT
 from worker.serving.prompt import BUILT_IN
-from worker.serving.score import Score
+from worker.serving.score import Score, precision_of
 
 log = logging.getLogger(__name__)
 
@@ -35,16 +41,19 @@ class SpamClassifier:
         self.max_tokens = min(max_tokens, window) if max_tokens else window
         self.is_prompt = loaded.head == PROMPT
         self.spam_index = loaded.plan.spam_index
+        placement = loaded.placement
+        self.precision = precision_of(str(placement.dtype).removeprefix("torch."), placement.quantization)
+        """What every score says it was computed in: ``float32``, ``bfloat16``, ``nf4``, ..."""
         self._prompt_overhead = 0
         if self.is_prompt:
             self.contract = loaded.plan.prompt or BUILT_IN
-            spam, ham = self.contract.label_ids(self.tokenizer)
+            self.frame = self.contract.frame(self.tokenizer)
+            spam, ham = self.contract.answer_ids(self.tokenizer)
             self.passes = plan_passes(spam, ham)
-            # Tokens the instructions and the fed label tokens take (plus one for the cut), so a
+            # Tokens the instructions and the fed answer tokens take (plus one for the cut), so a
             # message can be fitted to the window.
-            fed = max(len(feed) for feed, _ in self.passes)
-            self._prompt_overhead = len(self.tokenizer(self._prompt(""), add_special_tokens=False)["input_ids"]) \
-                + fed + 1
+            self._fed = max(len(feed) for feed, _ in self.passes)
+            self._prompt_overhead = len(self.frame.ids(self.tokenizer, "")) + self._fed + 1
             if self._prompt_overhead >= self.max_tokens:
                 raise ValueError(f"the prompt alone takes {self._prompt_overhead} tokens; EXAONE_MAX_TOKENS "
                                  f"({self.max_tokens}) leaves no room for the message")
@@ -57,7 +66,7 @@ class SpamClassifier:
     def warm_up(self) -> None:
         """One forward pass on a one-word input: reads every weight and builds the kernels, at the
         compute cost of a couple of tokens rather than a whole prompt."""
-        self._forward(["."])
+        self._forward([self._fit_prompt(".")[0]] if self.is_prompt else ["."])
 
     @torch.inference_mode()
     def score(self, texts: list[str]) -> list[Score]:
@@ -71,11 +80,11 @@ class SpamClassifier:
             chunk = order[start:start + self.batch_size]
             probs = self._forward_splitting([inputs[i] for i in chunk])
             for i, p in zip(chunk, probs, strict=True):
-                results[i] = Score(p, truncated[i], version=self.version) if p is not None else \
-                    Score(float("nan"), truncated[i], error="out of memory even as a batch of one")
+                results[i] = Score(p, truncated[i], version=self.version, precision=self.precision) if p is not None \
+                    else Score(float("nan"), truncated[i], error="out of memory even as a batch of one")
         return results  # type: ignore[return-value]
 
-    def _forward_splitting(self, texts: list[str]) -> list[float | None]:
+    def _forward_splitting(self, texts: list) -> list[float | None]:
         """On out-of-memory, retry the two halves; a text that fails alone gets None.
 
         The retry runs after the ``except`` block: inside it the live traceback keeps the failed
@@ -89,18 +98,20 @@ class SpamClassifier:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         if len(texts) == 1:
-            log.warning("%s: out of memory on a single text of %d characters", self.name, len(texts[0]))
+            log.warning("%s: out of memory on a single text of %d %s", self.name, len(texts[0]),
+                        "tokens" if self.is_prompt else "characters")
             return [None]
         half = len(texts) // 2
         log.warning("%s: out of memory on a batch of %d; retrying as %d + %d", self.name, len(texts), half,
                     len(texts) - half)
         return self._forward_splitting(texts[:half]) + self._forward_splitting(texts[half:])
 
-    def _forward(self, texts: list[str]) -> list[float]:
+    def _forward(self, inputs: list) -> list[float]:
+        """Spam probabilities of ``inputs``: prompt token ids (prompt head) or texts (classification head)."""
         if self.is_prompt:
-            return self._label_scores(texts)
-        enc = self.tokenizer(texts, truncation=True, max_length=self.max_tokens, padding=True,
-                             return_tensors="pt").to(self.device)
+            return self._label_scores(inputs)
+        enc = self.tokenizer(inputs, truncation=True, max_length=self.max_tokens, padding=True, return_tensors="pt",
+                             split_special_tokens=True).to(self.device)
         if self.head is not None:
             hidden = self.body(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
             last = enc["attention_mask"].sum(dim=1) - 1
@@ -109,11 +120,11 @@ class SpamClassifier:
             logits = self.loaded.model(**enc).logits
         return torch.softmax(logits.float(), dim=-1)[:, self.spam_index].tolist()
 
-    def _label_scores(self, prompts: list[str]) -> list[float]:
-        """P(spam) / (P(spam) + P(ham)), each label's probability the product of its tokens' probabilities
-        after the prompt, teacher-forced. One forward pass per entry of ``self.passes``."""
-        prompt_ids = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
-        logprobs = [torch.zeros(len(prompts)), torch.zeros(len(prompts))]
+    def _label_scores(self, prompt_ids: list[list[int]]) -> list[float]:
+        """P(spam) / (P(spam) + P(ham)), each answer's probability the product of its tokens' probabilities
+        after the prompt, teacher-forced. One forward pass per entry of ``self.passes``. The sums are
+        float32 by name: the default dtype is process-wide, and a load in another thread sets it."""
+        logprobs = torch.zeros(2, len(prompt_ids), dtype=torch.float32)
         for feed, reads in self.passes:
             token_logprobs = self._continuation_logprobs(prompt_ids, feed)
             for label, (offset, token) in reads:
@@ -136,19 +147,32 @@ class SpamClassifier:
         return torch.log_softmax(self.head(picked).float(), dim=-1).cpu()
 
     def _encoder_truncation(self, texts: list[str]) -> list[bool]:
-        lengths = self.tokenizer(texts, add_special_tokens=True, return_length=True)["length"]
+        lengths = self.tokenizer(texts, add_special_tokens=True, return_length=True,
+                                 split_special_tokens=True)["length"]
         return [n > self.max_tokens for n in lengths]
 
-    def _fit_prompt(self, text: str) -> tuple[str, bool]:
-        """The prompt for ``text``, cutting the message (never the instructions) to fit the window."""
-        budget = self.max_tokens - self._prompt_overhead
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        if len(ids) <= budget:
-            return self._prompt(text), False
-        return self._prompt(self.tokenizer.decode(ids[:budget])), True
+    def _fit_prompt(self, text: str) -> tuple[list[int], bool]:
+        """The prompt's token ids for ``text``, and whether the message was cut to fit the window.
 
-    def _prompt(self, text: str) -> str:
-        return self.contract.render(self.tokenizer, text)
+        The message (never the instructions) is cut in the text, where one of its tokens starts:
+        never inside a character, so never half a syllable; the cut prompt is encoded again and
+        cut shorter until it fits with the fed answer tokens.
+        """
+        budget = self.max_tokens - self._prompt_overhead
+        alone = self.tokenizer(text, add_special_tokens=False, split_special_tokens=True,
+                               return_offsets_mapping=True)
+        ids = self.frame.ids(self.tokenizer, text)
+        if len(alone["input_ids"]) <= budget and len(ids) + self._fed <= self.max_tokens:
+            return ids, False
+        starts = [start for start, _ in alone["offset_mapping"]]
+        keep = min(budget, len(starts) - 1)
+        while keep > 0:
+            ids = self.frame.ids(self.tokenizer, text[:starts[keep]])
+            over = len(ids) + self._fed - self.max_tokens
+            if over <= 0:
+                return ids, True
+            keep -= over
+        return self.frame.ids(self.tokenizer, ""), True
 
 
 def _model_window(loaded: LoadedModel) -> int:

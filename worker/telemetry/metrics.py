@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from worker.serving.score import precision_of
 from worker.telemetry import folders
 
 if TYPE_CHECKING:
@@ -28,7 +29,7 @@ FOLDER_PREFIX = "spam-metrics-"
 _OWN_FOLDER = re.compile(re.escape(FOLDER_PREFIX) + r"\d+-")
 _metrics: _Metrics | None = None
 _PID_FILE = re.compile(r"_(\d+)\.db$")
-_served: dict[str, str] = {}  # model -> the version this process serves
+_served: dict[str, tuple[str, str]] = {}  # model -> the version and precision this process serves
 _reload_outcomes: set[str] = set()
 
 
@@ -40,8 +41,9 @@ class _Metrics:
                                   ["model", "stage"], multiprocess_mode="liveall")
         self.load_bytes = Gauge("spam_model_load_bytes", "Bytes of weights the load read",
                                 ["model", "source", "device", "dtype", "quantization"], multiprocess_mode="liveall")
-        self.info = Gauge("spam_model_info", "1 for each model a process serves, labelled with its model_version",
-                          ["model", "version"], multiprocess_mode="liveall")
+        self.info = Gauge("spam_model_info", "1 for each model a process serves, labelled with its model_version "
+                          "and the precision it computes in", ["model", "version", "precision"],
+                          multiprocess_mode="liveall")
         self.reload = Gauge("spam_reload_seconds", "Seconds this process's last reload took, under its outcome",
                             ["outcome"], multiprocess_mode="liveall")
         self.reload_at = Gauge("spam_reload_timestamp_seconds", "When this process's last reload ended (Unix time)",
@@ -101,14 +103,15 @@ def serve(port: int, bind: str, folder: Path, live_pids: Callable[[], set[int]])
 def record_load(name: str, loaded: LoadedModel) -> None:
     if _metrics is None:
         return
+    p = loaded.placement
+    served = (loaded.version, precision_of(str(p.dtype).removeprefix("torch."), p.quantization))
     previous = _served.get(name)
-    if previous is not None and previous != loaded.version:  # a reload: the old version is no longer served
-        _metrics.info.labels(name, previous).set(0)
-    _served[name] = loaded.version
+    if previous is not None and previous != served:  # a reload: the old version is no longer served
+        _metrics.info.labels(name, *previous).set(0)
+    _served[name] = served
     for stage, seconds in loaded.timings.items():
         _metrics.load_seconds.labels(name, stage).set(seconds)
-    _metrics.info.labels(name, loaded.version).set(1)
-    p = loaded.placement
+    _metrics.info.labels(name, *served).set(1)
     _metrics.load_bytes.labels(name, loaded.source, str(p.device), str(p.dtype).removeprefix("torch."),
                                p.quantization or "none").set(loaded.bytes_read)
 

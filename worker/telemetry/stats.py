@@ -24,6 +24,7 @@ from pathlib import Path
 from statistics import quantiles
 from typing import TYPE_CHECKING, Any
 
+from worker.serving.score import precision_of
 from worker.telemetry import folders, metrics
 
 if TYPE_CHECKING:
@@ -75,6 +76,7 @@ def load_figures(loaded: LoadedModel) -> dict[str, Any]:
         "device": str(placement.device),
         "dtype": str(placement.dtype).removeprefix("torch."),
         "quantization": placement.quantization or "none",
+        "precision": precision_of(str(placement.dtype).removeprefix("torch."), placement.quantization),
         # Modules per device when a device map placed the model (MAX_MEMORY_GB): "cuda:0 30, cpu 6".
         "device_map": summarize(getattr(loaded.model, "hf_device_map", None)) or str(placement.device),
     }
