@@ -148,13 +148,19 @@ def test_a_new_adapter_merges_into_the_converted_base_without_reading_the_checkp
     adapter = tmp_path / "retrained"
     shutil.copytree(models.exaone_adapter, adapter)
     factories.perturb_adapter_module(adapter, "transformer.h.0.mlp.c_fc_1.")
-    sources = []
-    real = snapshot_loader.load_base
-    monkeypatch.setattr(snapshot_loader, "load_base", lambda plan, folder, *a, **k: sources.append(folder) or
-                        real(plan, folder, *a, **k))
+    read: list[set[Path]] = []  # the files each streamed build reads its tensors from
+    real = snapshot_loader.streamed_build.prepare
+
+    def prepare(*args, **kwargs):
+        snapshot = real(*args, **kwargs)
+        read.append({source.file for source in snapshot.tensors.values() if source.file is not None})
+        return snapshot
+
+    monkeypatch.setattr(snapshot_loader.streamed_build, "prepare", prepare)
+    monkeypatch.setattr(snapshot_loader, "load_base", lambda *a, **k: pytest.fail("built the reference way"))
     monkeypatch.setattr(snapshot_loader, "load_adapted", lambda *a, **k: pytest.fail("read the checkpoint"))
     changed = load(settings, "exaone", models.exaone, adapter)
-    assert changed.source == "checkpoint+snapshot" and sources == [base]
+    assert changed.source == "checkpoint+snapshot" and read == [set(base.glob("*.safetensors"))]
     reference = scores(load(replace(settings, model_loader="transformers"), "exaone", models.exaone, adapter))
     assert scores(changed) == pytest.approx(reference, abs=1e-5)
 
