@@ -23,7 +23,7 @@ from worker.loading import get_loader, snapshot_loader
 from worker.loading import plan as planning
 from worker.loading.base import LoadedModel, checkpoint_files, load_base
 from worker.loading.devices import Placement
-from worker.loading.safetensors_stream import Writer, read_header, read_tensor
+from worker.loading.safetensors_stream import Writer, read_block, read_header, read_tensor, row_blocks
 from worker.loading.snapshot_loader import SnapshotLoader, is_valid
 from worker.serving.classifiers import SpamClassifier
 from worker.settings import ModelSource, Settings
@@ -69,14 +69,16 @@ def no_reference_path(monkeypatch) -> None:
 
 
 def test_the_writer_and_reader_round_trip_with_safetensors(tmp_path):
+    """Byte for byte the file safetensors writes, whether a tensor is given whole or in blocks of rows."""
     gen = torch.Generator().manual_seed(0)
-    made = {"w": torch.randn(3, 4, generator=gen).to(torch.bfloat16), "b": torch.randn(4, generator=gen),
+    made = {"w": torch.randn(5, 4, generator=gen).to(torch.bfloat16), "b": torch.randn(4, generator=gen),
             "ids": torch.arange(5), "scalar": torch.tensor(2.5, dtype=torch.float16),
             "mask": torch.tensor([True, False]), "empty": torch.zeros(0, 3)}
     specs = {k: (v.dtype, tuple(v.shape)) for k, v in made.items()}
     with Writer(tmp_path / "ours.safetensors", specs, {"format": "pt"}) as writer:
         for name in writer.order:
-            writer.write(name, made[name])
+            for block in (made[name][:2], made[name][2:]) if name == "w" else (made[name],):
+                writer.write(name, block)
     with safe_open(tmp_path / "ours.safetensors", "pt") as handle:
         assert handle.metadata() == {"format": "pt"}
         assert all(torch.equal(handle.get_tensor(k), v) for k, v in made.items())
@@ -86,19 +88,26 @@ def test_the_writer_and_reader_round_trip_with_safetensors(tmp_path):
     try:
         entries = read_header(tmp_path / "theirs.safetensors")
         assert all(torch.equal(read_tensor(fd, entries[k]), v) for k, v in made.items())
+        w = entries["w"]
+        blocks = [read_block(fd, offset, size, torch.bfloat16, shape)
+                  for offset, size, shape in row_blocks(w, max_bytes=3 * 4 * 2)]  # 3 rows of 4 bf16 at most
+        assert [len(b) for b in blocks] == [3, 2] and torch.equal(torch.cat(blocks), made["w"])
     finally:
         os.close(fd)
 
 
-def test_the_writer_refuses_a_tensor_out_of_order_or_missing(tmp_path):
-    specs = {"a": (torch.float32, (2,)), "b": (torch.float32, (2,))}
+def test_the_writer_refuses_a_tensor_out_of_order_short_or_long(tmp_path):
+    specs = {"a": (torch.float32, (2,)), "b": (torch.float32, (3, 2))}
     writer = Writer(tmp_path / "x.safetensors", specs)
     with pytest.raises(ValueError, match="'b' written out of order"):
-        writer.write("b", torch.zeros(2))
+        writer.write("b", torch.zeros(3, 2))
     with pytest.raises(ValueError, match=r"'a' is torch.float16 \(2,\), declared torch.float32 \(2,\)"):
         writer.write("a", torch.zeros(2, dtype=torch.float16))
     writer.write("a", torch.zeros(2))
-    with pytest.raises(ValueError, match=r"1 declared tensors were not written \(first: b\)"):
+    writer.write("b", torch.zeros(2, 2))
+    with pytest.raises(ValueError, match=r"'b' is torch.float32 \(2, 2\), declared .* \(2 rows written\)"):
+        writer.write("b", torch.zeros(2, 2))
+    with pytest.raises(ValueError, match=r"1 declared tensors were not written in full \(first: b\)"):
         writer.close()
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,21 +70,43 @@ def read_header(file: Path) -> dict[str, Entry]:
     return entries
 
 
-def read_tensor(fd: int, entry: Entry) -> torch.Tensor:
-    """One tensor's bytes from an open file, into memory of its own (no mapping of the file)."""
-    data = torch.empty(entry.end - entry.start, dtype=torch.uint8)
+def read_tensor(fd: int, entry: Entry, into: torch.Tensor | None = None) -> torch.Tensor:
+    """One tensor, read (no mapping of the file) into memory of its own or into the uint8 buffer ``into``."""
+    return read_block(fd, entry.start, entry.end - entry.start, entry.dtype, entry.shape, into)
+
+
+def row_blocks(entry: Entry, max_bytes: int) -> Iterator[tuple[int, int, tuple[int, ...]]]:
+    """``(offset, size, shape)`` of a tensor's blocks of whole rows (its first dimension), each at most
+    ``max_bytes`` (one row, if a row is larger); a 0- or 1-row tensor is one block."""
+    size = entry.end - entry.start
+    if len(entry.shape) == 0 or entry.shape[0] <= 1 or size == 0:
+        yield entry.start, size, entry.shape
+        return
+    rows, tail = entry.shape[0], entry.shape[1:]
+    row_bytes = size // rows
+    step = max(1, max_bytes // row_bytes)
+    for first in range(0, rows, step):
+        n = min(step, rows - first)
+        yield entry.start + first * row_bytes, n * row_bytes, (n, *tail)
+
+
+def read_block(fd: int, offset: int, size: int, dtype: torch.dtype, shape: tuple[int, ...],
+               into: torch.Tensor | None = None) -> torch.Tensor:
+    """``size`` bytes at ``offset`` as a ``dtype`` tensor of ``shape``, read into ``into`` (a uint8
+    buffer of at least ``size`` bytes, reused so its pages are not faulted in again) or fresh memory."""
+    data = torch.empty(size, dtype=torch.uint8) if into is None else into[:size]
     view, done = memoryview(data.numpy()), 0
-    while done < len(view):
-        n = os.preadv(fd, [view[done:]], entry.start + done)
+    while done < size:
+        n = os.preadv(fd, [view[done:]], offset + done)
         if n == 0:
-            raise FormatError(f"file ends {len(view) - done} bytes before the end of a {entry.dtype} tensor")
+            raise FormatError(f"file ends {size - done} bytes before the end of a tensor")
         done += n
-    return data.view(entry.dtype).reshape(entry.shape)
+    return data.view(dtype).reshape(shape)
 
 
 class Writer:
-    """Writes a safetensors file whose tensors are declared up front and then given one at a time,
-    in :attr:`order`; :meth:`close` checks that every declared tensor was written."""
+    """Writes a safetensors file whose tensors are declared up front, then given in :attr:`order`,
+    each whole or in blocks of rows; :meth:`close` checks that every declared byte was written."""
 
     def __init__(self, path: Path, tensors: dict[str, tuple[torch.dtype, tuple[int, ...]]],
                  metadata: dict[str, str] | None = None) -> None:
@@ -102,22 +125,31 @@ class Writer:
         text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
         text += b" " * (-len(text) % 8)
         self._next = 0
+        self._rows = 0  # of the current tensor, written so far
         self._fh = path.open("wb")
         self._fh.write(struct.pack("<Q", len(text)) + text)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
+        """The tensor ``name``, or its next block of rows."""
         if self._next >= len(self.order) or name != self.order[self._next]:
             raise ValueError(f"tensor {name!r} written out of order")
         dtype, shape = self._specs[name]
-        if tensor.dtype != dtype or tuple(tensor.shape) != shape:
-            raise ValueError(f"tensor {name!r} is {tensor.dtype} {tuple(tensor.shape)}, declared {dtype} {shape}")
+        whole = self._rows == 0 and tuple(tensor.shape) == shape
+        block = len(shape) > 0 and tuple(tensor.shape[1:]) == shape[1:] and tensor.dim() == len(shape) \
+            and self._rows + tensor.shape[0] <= shape[0]
+        if tensor.dtype != dtype or not (whole or block):
+            raise ValueError(f"tensor {name!r} is {tensor.dtype} {tuple(tensor.shape)}, declared {dtype} {shape}"
+                             + (f" ({self._rows} rows written)" if self._rows else ""))
         self._fh.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
-        self._next += 1
+        if not whole:
+            self._rows += tensor.shape[0]
+        if whole or self._rows == shape[0]:
+            self._next, self._rows = self._next + 1, 0
 
     def close(self) -> None:
         self._fh.close()
         if self._next != len(self.order):
-            raise ValueError(f"{len(self.order) - self._next} declared tensors were not written "
+            raise ValueError(f"{len(self.order) - self._next} declared tensors were not written in full "
                              f"(first: {self.order[self._next]})")
 
     def abort(self) -> None:
