@@ -95,16 +95,22 @@ def percentiles(values: list[float]) -> dict[str, float]:
 
 def tree_memory_mb(pid: int) -> tuple[float, float]:
     """Summed PSS and RSS of a process and its children."""
-    pss = rss = 0.0
+    parts = process_memory_mb(pid)
+    return sum(p[0] for p in parts.values()), sum(p[1] for p in parts.values())
+
+
+def process_memory_mb(pid: int) -> dict[str, tuple[float, float, float]]:
+    """PSS, RSS and USS (private) of a process (``main``) and each of its children (``child <pid>``)."""
+    parts = {}
     root = psutil.Process(pid)
     for proc in [root, *root.children(recursive=True)]:
         try:
             info = proc.memory_full_info()
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-        pss += info.pss / 2**20
-        rss += info.rss / 2**20
-    return pss, rss
+        parts["main" if proc.pid == pid else f"child {proc.pid}"] = (info.pss / 2**20, info.rss / 2**20,
+                                                                     info.uss / 2**20)
+    return parts
 
 
 class MemoryWatch:
@@ -112,7 +118,7 @@ class MemoryWatch:
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
-        self.samples: list[tuple[float, float, float]] = []
+        self.samples: list[tuple[float, dict[str, tuple[float, float, float]]]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -125,12 +131,20 @@ class MemoryWatch:
         self._thread.join()
 
     def peak(self, until: float = float("inf")) -> tuple[float, float]:
-        kept = [(pss, rss) for at, pss, rss in self.samples if at <= until] or [(0.0, 0.0)]
+        kept = [(sum(p[0] for p in parts.values()), sum(p[1] for p in parts.values()))
+                for at, parts in self.samples if at <= until] or [(0.0, 0.0)]
         return max(p for p, _ in kept), max(r for _, r in kept)
+
+    def at_peak(self) -> dict[str, dict[str, int]]:
+        """Each process's PSS and USS (private) in the sample of peak PSS: where the peak comes from."""
+        if not self.samples:
+            return {}
+        _, parts = max(self.samples, key=lambda sample: sum(p[0] for p in sample[1].values()))
+        return {name: {"pss_mb": round(pss), "uss_mb": round(uss)} for name, (pss, _, uss) in parts.items()}
 
     def _run(self) -> None:
         while not self._stop.wait(0.2):
-            self.samples.append((time.perf_counter(), *tree_memory_mb(self.pid)))
+            self.samples.append((time.perf_counter(), process_memory_mb(self.pid)))
 
 
 def at_rest(app, worker_pid: int, version: str | None = None, timeout: float = 900) -> dict:
@@ -226,6 +240,7 @@ def main() -> None:
                               "rest_pss_mb": rest["pss_mb"], "peak_pss_mb": round(watch.peak()[0]),
                               "peak_rss_mb": round(watch.peak()[1]),
                               "peak_pss_mb_until_every_process_switched": round(watch.peak(switched)[0]),
+                              "at_peak": watch.at_peak(),
                               "merged_snapshot_served_after_s": round(settled - start, 1)}
             print(f"  {label}: {results[label]}", file=sys.stderr)
             time.sleep(10)
@@ -260,6 +275,8 @@ def report(results: dict) -> None:
               f"{r['merged_snapshot_served_after_s']:.0f} s after the command), PSS at rest before "
               f"{r['rest_pss_mb']} MB: {r['peak_pss_mb'] / r['rest_pss_mb']:.2f}x (target <= 2); peak RSS "
               f"{r['peak_rss_mb']} MB")
+        parts = [f"{name} {v['pss_mb']} MB ({v['uss_mb']} private)" for name, v in r["at_peak"].items()]
+        print(f"  at the peak: {', '.join(parts)}")
     before, after = results["worker memory before"]["pss_mb"], results["worker memory after"]["pss_mb"]
     print(f"worker PSS at rest: before the reloads {before:.0f} MB, after both {after:.0f} MB: "
           f"{after / before:.2f}x (target <= 1.1)")
