@@ -128,12 +128,15 @@ class SnapshotLoader(BaseLoader):
         base = self._base_folder(plan, placement, inputs)
         if not is_valid(base):
             return None
+        files = _weights(base)
+        reader = prefetch.read_in_background(files)  # as for a snapshot: one read, not the warm-up's page faults
         with timer.stage("materialise"):
             model = load_base(plan, base, placement)
         with timer.stage("adapter"):
             model = lora.apply(plan.name, model, plan.adapter)
+        with timer.stage("read"):
+            reader.join()
         _mark_used(base)
-        files = _weights(base)
         files += [f for f in inputs if plan.adapter.path in f.parents]
         return LoadedWeights(model, "base+adapter", files, finish=lambda: self.ensure_snapshot(plan, placement, inputs))
 
