@@ -100,7 +100,7 @@ def tree_memory_mb(pid: int) -> tuple[float, float]:
 
 
 def process_memory_mb(pid: int) -> dict[str, tuple[float, float, float]]:
-    """PSS, RSS and USS (private) of a process (``main``) and each of its children (``child <pid>``)."""
+    """PSS, RSS and USS of a process (``main``) and each of its children (``child <pid>``)."""
     parts = {}
     root = psutil.Process(pid)
     for proc in [root, *root.children(recursive=True)]:
@@ -136,7 +136,8 @@ class MemoryWatch:
         return max(p for p, _ in kept), max(r for _, r in kept)
 
     def at_peak(self) -> dict[str, dict[str, int]]:
-        """Each process's PSS and USS (private) in the sample of peak PSS: where the peak comes from."""
+        """Each process's PSS and USS in the sample of peak PSS: where the peak comes from. USS counts
+        the pages no other process maps, file pages included (printed as "private")."""
         if not self.samples:
             return {}
         _, parts = max(self.samples, key=lambda sample: sum(p[0] for p in sample[1].values()))
