@@ -192,16 +192,3 @@ def test_nvidia_devices_reads_the_driver_nodes(tmp_path):
         (tmp_path / "dev" / name).touch()
     assert devices.nvidia_devices(tmp_path) == ["nvidia0", "nvidia1"]
 
-
-def test_a_snapshot_built_on_cuda_gives_its_cached_blocks_back(models, tmp_path, monkeypatch):
-    from transformers import AutoModelForSequenceClassification
-
-    from worker.loading.snapshot_loader import SnapshotLoader
-
-    emptied: list[bool] = []
-    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
-    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(True))
-    settings = replace(Settings.from_env({"DEVICE": "cpu"}, dotenv=False), snapshot_dir=str(tmp_path))
-    SnapshotLoader(settings).build(tmp_path / "ko", None,
-                                   lambda: AutoModelForSequenceClassification.from_pretrained(models.koelectra))
-    assert emptied == [True] and (tmp_path / "ko" / "snapshot.json").is_file()

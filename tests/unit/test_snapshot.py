@@ -146,13 +146,19 @@ def test_a_new_adapter_merges_into_the_converted_base_without_reading_the_checkp
     adapter = tmp_path / "retrained"
     shutil.copytree(models.exaone_adapter, adapter)
     factories.perturb_adapter_module(adapter, "transformer.h.0.mlp.c_fc_1.")
-    sources = []
-    real = snapshot_loader.load_base
-    monkeypatch.setattr(snapshot_loader, "load_base", lambda plan, folder, *a, **k: sources.append(folder) or
-                        real(plan, folder, *a, **k))
+    read: list[set[Path]] = []  # the files each streamed build reads its tensors from
+    real = snapshot_loader.streamed_build.prepare
+
+    def prepare(*args, **kwargs):
+        snapshot = real(*args, **kwargs)
+        read.append({source.file for source in snapshot.tensors.values() if source.file is not None})
+        return snapshot
+
+    monkeypatch.setattr(snapshot_loader.streamed_build, "prepare", prepare)
+    monkeypatch.setattr(snapshot_loader, "load_base", lambda *a, **k: pytest.fail("built the reference way"))
     monkeypatch.setattr(snapshot_loader, "load_adapted", lambda *a, **k: pytest.fail("read the checkpoint"))
     changed = load(settings, "exaone", models.exaone, adapter)
-    assert changed.source == "checkpoint+snapshot" and sources == [base]
+    assert changed.source == "checkpoint+snapshot" and read == [set(base.glob("*.safetensors"))]
     reference = scores(load(replace(settings, model_loader="transformers"), "exaone", models.exaone, adapter))
     assert scores(changed) == pytest.approx(reference, abs=1e-5)
 
@@ -269,3 +275,87 @@ def test_quantized_snapshot_holds_the_quantized_weights(models, tmp_path, bits):
     config = json.loads((quantized / "config.json").read_text())
     assert config["quantization_config"]["load_in_" + bits] is True
     assert second.bytes_read == sum(f.stat().st_size for f in quantized.glob("*.safetensors"))
+
+
+_FULL_DISK = """
+import json, os, shutil, subprocess, sys, time
+from pathlib import Path
+from worker.errors import ModelLoadError
+from worker.loading import get_loader
+from worker.settings import ModelSource, Settings
+
+disk, model, adapters = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
+
+
+def load(folder, adapter, keep=2):
+    settings = Settings.from_env({"DEVICE": "cpu", "TORCH_DTYPE": "float32", "SNAPSHOT_DIR": str(folder),
+                                  "SNAPSHOT_KEEP": str(keep)}, dotenv=False)
+    try:
+        return get_loader(settings).load_model(ModelSource("koelectra", model, Path(adapter))).source
+    except ModelLoadError as exc:
+        return str(exc)
+
+
+def pages(folder):
+    return sum(-(-f.stat().st_size // 4096) * 4096 for f in folder.iterdir())
+
+
+def listing():
+    return sorted(p.name for p in disk.iterdir() if p.is_dir())
+
+
+scratch = disk.with_name("built")
+load(scratch, adapters[0])
+(base,) = scratch.glob("koelectra-base-*[0-9a-f]")
+(merged,) = [p for p in scratch.glob("koelectra-*[0-9a-f]") if p != base]
+unit = pages(merged)
+disk.mkdir()
+subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={pages(base) + unit * 7 // 2}", "tmpfs", str(disk)], check=True)
+shutil.copytree(base, disk / base.name)
+old, dead = disk / "koelectra-00000000000000aa", disk / "koelectra-00000000000000bb.tmp-999999"
+for copy in (old, dead):
+    shutil.copytree(merged, copy)
+    os.utime(copy, (time.time() - 3600,) * 2)
+shutil.copytree(merged, disk / merged.name)  # the version in use: the most recently used
+report = {"full": listing(), "base": base.name, "in use": merged.name, "old": old.name, "dead": dead.name}
+report["new version"] = load(disk, adapters[1])
+report["after"] = listing()
+with open(disk / "filler", "wb", buffering=0) as fh:  # nothing left for a snapshot, nothing prunable (KEEP=9)
+    try:
+        while fh.write(b"x" * 4096):
+            pass
+    except OSError:
+        pass
+report["disk full"] = load(disk, adapters[2], keep=9)
+report["left"] = listing()
+(disk / "filler").unlink()
+report["room again"] = load(disk, adapters[2], keep=9)
+print(json.dumps(report))
+"""
+
+
+def test_a_disk_full_of_old_snapshots_makes_room_and_a_failed_build_leaves_nothing(models, tmp_path):
+    """On a real full filesystem (a tmpfs in a private mount namespace): old versions and a dead
+    build's folder fill SNAPSHOT_DIR, and the next version still builds, since pruning runs before
+    the build too; a build that hits ENOSPC fails with that error, leaves no temporary folder, and
+    the next one succeeds once there is room."""
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-Urm", "true"]).returncode != 0:
+        pytest.skip("no unprivileged mount namespaces here (unshare -Urm)")
+    adapters = []
+    for n in range(3):
+        adapters.append(tmp_path / f"adapter{n}")
+        shutil.copytree(models.koelectra_adapter, adapters[-1])
+    out = subprocess.run(["unshare", "-Urm", sys.executable, "-c", _FULL_DISK, str(tmp_path / "disk"),
+                          str(models.koelectra), *map(str, adapters)],
+                         capture_output=True, text=True, cwd=Path(__file__).parents[2], timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout.splitlines()[-1])
+    base, in_use = report["base"], report["in use"]
+    assert report["full"] == sorted([base, in_use, report["old"], report["dead"]])
+    assert report["new version"] == "checkpoint+snapshot"
+    (new,) = set(report["after"]) - {base, in_use}
+    assert new.startswith("koelectra-") and ".tmp-" not in new
+    assert set(report["after"]) == {base, in_use, new}  # the old version and the dead build made room
+    assert "No space left on device" in report["disk full"]
+    assert report["left"] == report["after"]  # no temporary folder left behind
+    assert report["room again"] == "checkpoint+snapshot"

@@ -58,8 +58,34 @@ def supported(adapter: Adapter) -> bool:
 
 def apply(model_name: str, model: nn.Module, adapter: Adapter) -> nn.Module:
     """Wrap the adapted layers of ``model`` and load the adapter's saved modules into it, in place."""
+    pairs, saved = check(model_name, model, adapter)
+    factor = scale(adapter)
+    modules = dict(model.named_modules())
+    params = dict(model.named_parameters())
+    for path, (a, b) in sorted(pairs.items()):
+        base = modules[path]
+        weight = base.weight
+        parent, _, leaf = path.rpartition(".")
+        setattr(modules[parent] if parent else model, leaf,
+                LoraLinear(base, a.to(weight.device, weight.dtype), b.to(weight.device, weight.dtype), factor))
+    for name, tensor in saved.items():
+        param = params[name]
+        param.data = tensor.to(param.device, param.dtype)
+    return model
+
+
+def scale(adapter: Adapter) -> float:
+    """PEFT's ``scaling``: ``lora_alpha / r`` (``/ sqrt(r)`` with rsLoRA), the same float it computes."""
     config = adapter.config
-    scale = config["lora_alpha"] / (math.sqrt(config["r"]) if config.get("use_rslora") else config["r"])
+    return config["lora_alpha"] / (math.sqrt(config["r"]) if config.get("use_rslora") else config["r"])
+
+
+def check(model_name: str, model: nn.Module, adapter: Adapter
+          ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, torch.Tensor]]:
+    """The adapter's LoRA pairs ``{layer path: (A, B)}`` and saved tensors ``{parameter name: tensor}``,
+    checked to fit ``model`` (whose weights may be on the meta device): every pair on a linear layer
+    of the right shape, every saved tensor on a parameter of its shape, every targeted layer given
+    weights. Anything else is a :class:`ModelLoadError`."""
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     saved: dict[str, torch.Tensor] = {}
     for key, tensor in adapter.tensors.items():
@@ -81,22 +107,17 @@ def apply(model_name: str, model: nn.Module, adapter: Adapter) -> nn.Module:
         if a.shape[1] != in_features or b.shape[0] != out_features or a.shape[0] != b.shape[1]:
             raise ModelLoadError(model_name, f"adapter {str(adapter.path)!r} does not fit this model: {path!r} "
                                  f"is {out_features}x{in_features}, the adapter's update {b.shape[0]}x{a.shape[1]}")
-        weight = base.weight
-        parent, _, leaf = path.rpartition(".")
-        setattr(modules[parent] if parent else model, leaf,
-                LoraLinear(base, a.to(weight.device, weight.dtype), b.to(weight.device, weight.dtype), scale))
     for name, tensor in saved.items():
         param = params.get(name)
         if param is None or param.shape != tensor.shape:
             raise ModelLoadError(model_name, f"adapter {str(adapter.path)!r} does not fit this model: its saved "
                                  f"tensor {name!r} matches no weight of it")
-        param.data = tensor.to(param.device, param.dtype)
     missing = [path for path, module in modules.items() if isinstance(module, nn.Linear) and path not in pairs
-               and _targeted(path, config.get("target_modules"))]
+               and _targeted(path, adapter.config.get("target_modules"))]
     if missing:
         raise ModelLoadError(model_name, f"{len(missing)} layers the adapter targets have no LoRA weights in "
                              f"{str(adapter.path)!r} (first: {missing[0]})")
-    return model
+    return {path: (ab["A"], ab["B"]) for path, ab in pairs.items()}, saved
 
 
 def _targeted(path: str, targets: object) -> bool:

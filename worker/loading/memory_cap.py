@@ -109,6 +109,16 @@ def capped_device_map(plan: LoadPlan, placement: Placement, gpu: int) -> dict[st
     return placed.device_map
 
 
+def spills(plan: LoadPlan, placement: Placement) -> bool:
+    """Whether ``MAX_MEMORY_GB`` leaves part of the model in CPU memory (computed on the meta device,
+    like :func:`capped_device_map`, without its warning)."""
+    if placement.max_memory_gb is None or placement.device.type != "cuda":
+        return False
+    gpu = placement.device.index or 0
+    placed = plan_device_map(plan, placement.dtype, placement.quantization, gpu, placement.max_memory_gb)
+    return any(where != f"cuda:{gpu}" and size for where, size in placed.bytes_on.items())
+
+
 def summarize(device_map: dict[str, int | str] | None) -> str:
     """``cuda:0 30, cpu 6``: modules per device of a loaded model's ``hf_device_map``, for the stats."""
     if not device_map:

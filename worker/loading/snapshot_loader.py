@@ -1,9 +1,11 @@
 """The fast strategy: prepared snapshots of the ready-to-serve weights.
 
-The first start loads the checkpoint the reference way (dtype conversion, verified adapter), merges
-the LoRA weights into the base and writes the result as one safetensors file in the target dtype.
-With ``USE_QUANTIZATION`` it then quantizes that merged model with bitsandbytes and writes a second
-snapshot of the quantized weights. Every later start loads its snapshot directly: no PEFT wrapping,
+The first start converts the checkpoint to the target dtype (the base snapshot), merges the LoRA
+weights into it and writes the result as one safetensors file in the target dtype. Both are written
+tensor by tensor (:mod:`worker.loading.streamed_build`), on the CPU, holding a few tensors rather
+than a model; what cannot be streamed is built the reference way (``from_pretrained``, PEFT's merge,
+``save_pretrained``). With ``USE_QUANTIZATION`` the merged model is then quantized with bitsandbytes
+and written as a second snapshot. Every later start loads its snapshot directly: no PEFT wrapping,
 no merge, no conversion, no quantization. The file is memory-mapped, so on CPU the prefork children
 of one worker share one physical copy of it.
 
@@ -11,9 +13,10 @@ A snapshot lives in ``SNAPSHOT_DIR/<model>-<fingerprint>``; the fingerprint cove
 changes the weights (checkpoint and adapter files, dtype, head, library versions), so a changed
 input builds a new snapshot rather than serving a stale one. It is written into a temporary folder
 and renamed into place, under a file lock, so concurrent processes build it once and never see a
-partial one. A snapshot whose files do not match its manifest is rebuilt, never served. After a
-build, a model's snapshots beyond the ``SNAPSHOT_KEEP`` most recently used are deleted, with the
-temporary folders of builds that died.
+partial one. A snapshot whose files do not match its manifest is rebuilt, never served. Before a
+build and after it, a model's snapshots beyond the ``SNAPSHOT_KEEP`` most recently used are
+deleted, with the temporary folders of builds that died: a disk filled by old versions makes room
+for the new one, and a build that fails leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from safetensors import SafetensorError, safe_open
 
 from worker.errors import ModelLoadError
 from worker.lifecycle import prefetch
-from worker.loading import lora
+from worker.loading import lora, streamed_build
 from worker.loading.adapters import attach_adapter, merge_and_unload
 from worker.loading.base import BaseLoader, LoadedWeights, StageTimer, checkpoint_files, load_adapted, load_base
 from worker.loading.devices import Placement
@@ -62,7 +65,7 @@ class SnapshotLoader(BaseLoader):
 
     def load_weights(self, plan: LoadPlan, placement: Placement, timer: StageTimer) -> LoadedWeights:
         inputs = self._inputs(plan, timer)
-        if self.serve_unmerged and placement.quantization is None:
+        if self.serve_unmerged:
             deferred = self._serve_unmerged(plan, placement, inputs, timer)
             if deferred is not None:
                 return deferred
@@ -75,7 +78,7 @@ class SnapshotLoader(BaseLoader):
         if built:
             timer.seconds["snapshot"] = round(time.perf_counter() - start, 4)
         source = "checkpoint+snapshot" if built else "snapshot"
-        files = [folder / name for name in _manifest(folder)["files"]]
+        files = _weights(folder)
         # Mapped weights are otherwise read by page faults in the first forward pass, several times
         # slower than one sequential read; the read runs while the model is being built.
         reader = prefetch.read_in_background(files)
@@ -96,10 +99,11 @@ class SnapshotLoader(BaseLoader):
         """The snapshot; with ``serve_unmerged``, only the converted base, and the adapter checked
         against it (the load serves it unmerged and builds the snapshot after)."""
         inputs = self._inputs(plan)
-        if (self.serve_unmerged and placement.quantization is None and plan.adapter is not None
-                and lora.supported(plan.adapter) and not is_valid(self._folder(plan, placement, inputs))):
+        if self.serve_unmerged and _unmerged_servable(plan, placement) \
+                and not is_valid(self._folder(plan, placement, inputs)):
             base = self.ensure_base(plan, placement, inputs)
-            lora.apply(plan.name, load_base(plan, base, placement), plan.adapter)
+            # Checked on the CPU, on the memory-mapped base: never a second copy beside a served one.
+            lora.apply(plan.name, load_base(plan, base, _on_cpu(placement)), plan.adapter)
             return
         self.ensure_snapshot(plan, placement, inputs)
 
@@ -118,18 +122,21 @@ class SnapshotLoader(BaseLoader):
                         timer: StageTimer) -> LoadedWeights | None:
         """The converted base, memory-mapped, with a plain LoRA adapter applied at run time; the
         merged snapshot's build (or the wait for another process's) as ``finish``. None when the
-        snapshot exists, the base is not converted yet, or the adapter is not plain LoRA."""
-        if plan.adapter is None or not lora.supported(plan.adapter) or is_valid(self._folder(plan, placement, inputs)):
+        snapshot exists, the base is not converted yet, or :func:`_unmerged_servable` says no."""
+        if not _unmerged_servable(plan, placement) or is_valid(self._folder(plan, placement, inputs)):
             return None
         base = self._base_folder(plan, placement, inputs)
         if not is_valid(base):
             return None
+        files = _weights(base)
+        reader = prefetch.read_in_background(files)  # as for a snapshot: one read, not the warm-up's page faults
         with timer.stage("materialise"):
             model = load_base(plan, base, placement)
         with timer.stage("adapter"):
             model = lora.apply(plan.name, model, plan.adapter)
+        with timer.stage("read"):
+            reader.join()
         _mark_used(base)
-        files = [base / name for name in _manifest(base)["files"]]
         files += [f for f in inputs if plan.adapter.path in f.parents]
         return LoadedWeights(model, "base+adapter", files, finish=lambda: self.ensure_snapshot(plan, placement, inputs))
 
@@ -168,19 +175,21 @@ class SnapshotLoader(BaseLoader):
 
     def _build(self, plan: LoadPlan, placement: Placement, inputs: list[Path], folder: Path) -> None:
         """Build ``folder`` (the caller holds its lock): the adapter merged into the converted base,
-        the reference path's model when there is no adapter, or the merged snapshot quantized."""
-        # Under a memory cap, build on CPU: layers spilled to CPU memory live behind accelerate's
-        # hooks, where merging and saving would not see them. The snapshot is the same file.
-        where = replace(placement, device=torch.device("cpu"), max_memory_gb=None) \
-            if placement.max_memory_gb is not None else placement
+        the whole model when there is no adapter, or the merged snapshot quantized. Always on the CPU,
+        whatever ``DEVICE`` says: a build beside the served copy would need a second model's room on
+        the GPU, and a snapshot is only a file (one built on the CPU loads on CUDA, quantized too)."""
+        where = _on_cpu(placement)
         if placement.quantization is None and plan.adapter is not None:
-            base = self.ensure_base(plan, where, inputs)
-            self.build(folder, None, lambda: _merged(plan, where, base))
+            base = self.ensure_base(plan, placement, inputs)
+            self._stream_or_build(folder, lambda: streamed_build.prepare(
+                plan, placement.dtype, _weights(base), base, merge=True), lambda: _merged(plan, where, base))
         elif placement.quantization is None:
-            self.build(folder, None, lambda: load_adapted(plan, where, self.settings, StageTimer()))
+            self._stream_or_build(folder, lambda: streamed_build.prepare(
+                plan, placement.dtype, inputs, plan.model_id, merge=False),
+                lambda: load_adapted(plan, where, self.settings, StageTimer()))
         else:  # quantize the merged snapshot, so merging never meets quantized layers
             merged, _ = self.ensure_snapshot(plan, replace(placement, quantization=None), inputs)
-            kwargs = placement.from_pretrained_kwargs(plan=plan)
+            kwargs = where.from_pretrained_kwargs(plan=plan)
             self.build(folder, placement.quantization, lambda: plan.model_class.from_pretrained(merged, **kwargs))
 
     def ensure_base(self, plan: LoadPlan, placement: Placement, inputs: list[Path]) -> Path:
@@ -189,24 +198,47 @@ class SnapshotLoader(BaseLoader):
         folder = self._base_folder(plan, placement, inputs)
         with _build_lock(folder):
             if not is_valid(folder):
-                self.build(folder, None, lambda: load_base(plan, plan.model_id, placement,
-                                                           use_safetensors=self.settings.use_safetensors or None))
+                files = [f for f in inputs if plan.adapter.path not in f.parents]
+                where, safetensors = _on_cpu(placement), self.settings.use_safetensors or None
+                self._stream_or_build(
+                    folder, lambda: streamed_build.prepare(plan, placement.dtype, files, plan.model_id, merge=False),
+                    lambda: load_base(plan, plan.model_id, where, use_safetensors=safetensors))
                 prune(self.settings.snapshot_path, f"{plan.name}-base", self.settings.snapshot_keep)
         _mark_used(folder)
         return folder
 
-    def build(self, folder: Path, quantization: str | None, make_model) -> None:
-        """Write the model ``make_model`` returns as a snapshot, atomically."""
-        log.info("building snapshot %s", folder)
-        tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
+    def _stream_or_build(self, folder: Path, stream, make_model) -> None:
+        """Write ``folder`` tensor by tensor (:mod:`worker.loading.streamed_build`); the reference way,
+        ``make_model`` then ``save_pretrained``, when it cannot be streamed."""
         try:
+            snapshot = stream()
+        except streamed_build.Unstreamable as why:
+            log.info("building %s the reference way: %s", folder.name, why)
+            self.build(folder, None, make_model)
+            return
+        self._write(folder, None, snapshot.write)
+
+    def build(self, folder: Path, quantization: str | None, make_model) -> None:
+        """Write the model ``make_model`` returns as a snapshot, atomically (the reference way)."""
+        def save(tmp: Path) -> None:
             model = make_model()
             model.save_pretrained(tmp, safe_serialization=True, max_shard_size="1000GB")
             del model
             gc.collect()
-            if torch.cuda.is_initialized():
-                torch.cuda.empty_cache()  # else the build's blocks stay reserved for the life of the process
+
+        self._write(folder, quantization, save)
+
+    def _write(self, folder: Path, quantization: str | None, write) -> None:
+        """Run ``write`` into a temporary folder beside ``folder``, add the manifest and rename it into
+        place. Old snapshots are pruned first, so a disk filled by old versions makes room; a failed
+        write (a full disk) leaves no temporary folder."""
+        root = folder.parent
+        prune(root, folder.name.rsplit("-", 1)[0], max(self.settings.snapshot_keep - 1, 1))
+        log.info("building snapshot %s", folder)
+        tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            write(tmp)
             files = {f.name: f.stat().st_size for f in tmp.glob("*.safetensors")}
             (tmp / MANIFEST).write_text(json.dumps({"format": FORMAT, "files": files, "quantization": quantization},
                                                    indent=1))
@@ -218,8 +250,30 @@ class SnapshotLoader(BaseLoader):
 
 
 def _merged(plan: LoadPlan, placement: Placement, base: Path):
-    """The base snapshot with the verified adapter merged into its weights."""
+    """The base snapshot with the verified adapter merged into its weights (the reference way)."""
     return merge_and_unload(attach_adapter(plan.name, load_base(plan, base, placement), plan.adapter))
+
+
+def _on_cpu(placement: Placement) -> Placement:
+    """Where a build (or a check) runs: the CPU, in the placement's dtype and quantization."""
+    return replace(placement, device=torch.device("cpu"), max_memory_gb=None)
+
+
+def _unmerged_servable(plan: LoadPlan, placement: Placement) -> bool:
+    """Whether the adapter may be served unmerged over the base: plain LoRA, unquantized, and not
+    under a ``MAX_MEMORY_GB`` that spills layers to CPU memory (accelerate's offload hooks would
+    lose the adapter's layers: they are served merged instead)."""
+    if plan.adapter is None or placement.quantization is not None or not lora.supported(plan.adapter):
+        return False
+    if placement.max_memory_gb is None:
+        return True
+    from worker.loading.memory_cap import spills
+
+    return not spills(plan, placement)
+
+
+def _weights(folder: Path) -> list[Path]:
+    return [folder / name for name in _manifest(folder)["files"]]
 
 
 def is_valid(folder: Path) -> bool:
