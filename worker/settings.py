@@ -78,8 +78,9 @@ class Settings:
     """Where prepared snapshots are kept; empty means ``$HF_HOME/spam-snapshots`` or
     ``~/.cache/spam-workers/snapshots``. Use a local SSD."""
     snapshot_keep: int = 2
-    """Snapshots kept per model, the most recently used first; older ones are deleted after a build
-    (2 keeps the previous one for a worker not yet upgraded, and a quantized model's merged source)."""
+    """Snapshots kept per model, the most recently used first; older ones are deleted before a build
+    (so a disk full of old versions makes room) and after it (2 keeps the previous one for a worker not
+    yet upgraded, and a quantized model's merged source)."""
     prefetch_weights: bool = True
     """Read the weight files into the page cache while torch and transformers import (overlaps them)."""
     trust_remote_code: bool = False
