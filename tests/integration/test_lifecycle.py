@@ -50,15 +50,24 @@ def cli_reload(worker, *args: str) -> subprocess.CompletedProcess:
                                "CELERY_RESULT_BACKEND": worker.backend_url})
 
 
+def _children(worker, builder: bool) -> list[psutil.Process]:
+    found = []
+    for process in psutil.Process(worker.process.pid).children():
+        try:
+            if ("worker.lifecycle.builder" in " ".join(process.cmdline())) == builder:
+                found.append(process)
+        except psutil.Error:  # gone, or a zombie not reaped yet
+            continue
+    return found
+
+
 def pool_children(worker) -> list[psutil.Process]:
     """The prefork pool's children (not the builder processes the main process also starts)."""
-    return [p for p in psutil.Process(worker.process.pid).children()
-            if "worker.lifecycle.builder" not in " ".join(p.cmdline())]
+    return _children(worker, builder=False)
 
 
 def builders(worker) -> list[psutil.Process]:
-    return [p for p in psutil.Process(worker.process.pid).children()
-            if "worker.lifecycle.builder" in " ".join(p.cmdline())]
+    return _children(worker, builder=True)
 
 
 def wait_until(condition, timeout: float, what: str, worker=None):
@@ -146,36 +155,55 @@ def test_a_refused_version_reaches_no_process_not_even_a_respawned_one(worker_fa
 
 def test_a_child_respawned_while_a_reload_prepares_serves_at_once_and_ends_on_the_new_version(
         worker_factory, models, adapters, tmp_path):
-    snapshots = tmp_path / "snapshots"
+    """One child is stopped (SIGSTOP) before the reload, so the reload cannot get past its prepare
+    phase; the other child is killed meanwhile: the one forked in its place loads at once (nothing it
+    inherits is locked by the reload), prepares the new version too, and every process ends on it."""
     env = models.env(PRELOAD_MODELS="exaone", EXAONE_ADAPTER_DIR=str(adapters["current"]),
-                     SNAPSHOT_DIR=str(snapshots))
+                     SNAPSHOT_DIR=str(tmp_path / "snapshots"))
     worker = worker_factory(env, pool="prefork", concurrency=2, name="respawn-during-reload")
     client = client_for(worker, timeout=120)
     wait_until_serving(worker, client)
     wait_for_snapshots(client, 2)
     (v1,) = {v["exaone"] for v in served(client).values()}
-    (base,) = [p for p in snapshots.glob("exaone-base-*") if p.is_dir()]
 
     flip(adapters["current"], adapters["v2"])
+    stopped, victim = pool_children(worker)
     outcomes: list = []
-    with FileLock(str(base) + ".lock"):  # the reload's check cannot get past the converted base
+    stopped.send_signal(signal.SIGSTOP)
+    try:
         reloading = threading.Thread(target=lambda: outcomes.extend(reload_fleet(client.app, timeout=300)))
         reloading.start()
-        wait_until(lambda: builders(worker), 60, "the reload's builder process", worker)
-        victim = pool_children(worker)[0]
+        wait_until(lambda: _outcome(client, victim.pid) == "ready", 120, "the running child ready", worker)
         victim.send_signal(signal.SIGKILL)
-        # The respawned child loads at once: nothing it inherits is locked by the reload.
-        respawned = wait_until(lambda: two_without(client, victim.pid), 60,
-                               "a respawned child serving while the reload prepares", worker)
-        assert {v["exaone"] for v in respawned.values()} == {v1}
-        assert len({r["model_version"] for r in client.submit_batch(TEXTS * 3, model="exaone").get(timeout=60)}) == 1
-        assert reloading.is_alive(), "the reload waits for the lock"
+        respawned = wait_until(lambda: next((p for p in pool_children(worker) if p.pid not in
+                                             (stopped.pid, victim.pid)), None), 60, "a respawned child", worker)
+        wait_until(lambda: _outcome(client, respawned.pid) == "ready", 120,
+                   "the respawned child loaded and prepared the new version", worker)
+        assert _version(client, respawned.pid) == v1, "it serves the accepted version meanwhile"
+        assert reloading.is_alive() and not outcomes, "the reload waits for every child"
+    finally:
+        stopped.send_signal(signal.SIGCONT)
     reloading.join(timeout=300)
     assert exit_code(outcomes) == EXIT_OK, outcomes
     after = served(client)
-    assert set(after) == set(respawned) and len({v["exaone"] for v in after.values()}) == 1
-    assert {v["exaone"] for v in after.values()} != {v1}
+    assert set(after) == {stopped.pid, respawned.pid}
+    (v2,) = {v["exaone"] for v in after.values()}
+    assert v2 != v1
+    assert {r["model_version"] for r in client.submit_batch(TEXTS * 3, model="exaone").get(timeout=60)} == {v2}
     client.close()
+
+
+def _figures(client, pid: int) -> dict:
+    stats = client.app.control.inspect(timeout=2.0).stats() or {}
+    return {k.split(".", 2)[2]: v for s in stats.values() for k, v in s.items() if f".pid{pid}." in k}
+
+
+def _outcome(client, pid: int) -> str | None:
+    return _figures(client, pid).get("reload_outcome")
+
+
+def _version(client, pid: int) -> str | None:
+    return _figures(client, pid).get("exaone.version")
 
 
 # --- a first start: every child serves, one builder builds, a failed build is retried -------------------

@@ -58,7 +58,7 @@ def test_a_builder_builds_on_the_cpu_whatever_device_serves(models, tmp_path):
     """A GPU worker's build runs in a builder process on the CPU (never beside the served copy): with
     DEVICE=cuda on this host without one, the build still succeeds, and loads as a start would."""
     settings = settings_for(models, tmp_path, DEVICE="cuda", TORCH_DTYPE="bfloat16")
-    version = builds.run("build", "exaone", settings, timeout=240)
+    version = builds.run("exaone", settings, timeout=240)
     on_cpu = replace(settings, device="cpu")
     loaded = load_classifier("exaone", on_cpu)
     assert loaded.loaded.source == "snapshot" and loaded.version == version

@@ -1,8 +1,7 @@
-"""``python -m worker.lifecycle.builder``: build or check one model version in a process of its own.
+"""``python -m worker.lifecycle.builder``: build what a model version is served from, in a process of its own.
 
-A snapshot build (converting the base, merging an adapter, quantizing) and a reload's check (load the
-new version and run a warm-up pass, as a serving process will) are model work. Done here, in a fresh
-process started for it:
+A snapshot build (converting the base, merging an adapter, quantizing) is model work. Done here, in a
+fresh process started for it:
 
 - a prefork worker's main process never loads a model, imports PEFT or bitsandbytes, or touches CUDA
   while it can fork (a child forked meanwhile would inherit a held lock or a poisoned CUDA state);
@@ -11,10 +10,11 @@ process started for it:
 - it outlives the serving process that wanted it (a child recycled by ``max_tasks_per_child`` or
   killed), since the worker's main process owns it.
 
-It reads one JSON request on stdin, ``{"action": "build" | "check", "model": name, "env": {...}}``
-(``env``: the worker's settings as variables, :meth:`Settings.to_env`, with the model paths pinned),
-and writes one JSON line on stdout: ``{"ok": true, "version": ...}`` or ``{"ok": false, "error": line}``.
-Its log goes to the worker's (stderr).
+It reads one JSON request on stdin, ``{"model": name, "env": {...}, "unmerged": bool}`` (``env``: the
+worker's settings as variables, :meth:`Settings.to_env`, with the model paths pinned; ``unmerged``:
+only what a plain LoRA adapter is served over at first, the converted base, with the adapter checked
+against it), and writes one JSON line on stdout: ``{"ok": true, "version": ...}`` or ``{"ok": false,
+"error": line}``. Its log goes to the worker's (stderr).
 """
 
 from __future__ import annotations
@@ -26,8 +26,6 @@ import signal
 import sys
 import time
 from dataclasses import replace
-
-ACTIONS = ("build", "check")
 
 
 def main() -> int:
@@ -41,7 +39,7 @@ def main() -> int:
     os.dup2(2, 1)
     start = time.perf_counter()
     try:
-        version = run(request["action"], request["model"], request["env"])
+        version = run(request["model"], request["env"], request.get("unmerged", False))
     except Exception as exc:  # noqa: BLE001 - one line for the worker, whatever failed
         from worker.errors import ModelLoadError, first_line
 
@@ -55,13 +53,11 @@ def main() -> int:
     return 0
 
 
-def run(action: str, name: str, env: dict[str, str]) -> str:
-    """``build``: whatever a later load of ``name`` reads (its snapshot); ``check``: also load it as a
-    serving process will and run the warm-up pass. Returns the ``model_version``."""
+def run(name: str, env: dict[str, str], unmerged: bool = False) -> str:
+    """Build what a load of ``name`` with these settings reads, and check it as far as it can be
+    checked without serving (the plan, adapter, tokenizer, the prompt's answers); its ``model_version``."""
     from worker.settings import Settings
 
-    if action not in ACTIONS:
-        raise ValueError(f"unknown builder action {action!r}")
     settings = replace(Settings.from_env(env, dotenv=False), device="cpu")
     from worker.lifecycle.startup import import_libraries
 
@@ -69,16 +65,9 @@ def run(action: str, name: str, env: dict[str, str]) -> str:
     import torch
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2))  # leave cores to the serving processes
-    from worker.lifecycle.registry import load_classifier
     from worker.loading import get_loader
 
-    if action == "build":
-        return get_loader(settings).prepare(settings.source(name))
-    version = get_loader(settings, serve_unmerged=True).prepare(settings.source(name))
-    checked = load_classifier(name, settings, serve_unmerged=True).version
-    if checked != version:
-        raise RuntimeError(f"the files changed while they were checked ({version} then {checked})")
-    return version
+    return get_loader(settings, serve_unmerged=unmerged).prepare(settings.source(name))
 
 
 if __name__ == "__main__":

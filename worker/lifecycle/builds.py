@@ -1,6 +1,7 @@
 """Builder processes (:mod:`worker.lifecycle.builder`), owned by the worker's main process.
 
-A reload's check runs one and waits (:func:`run`). Snapshot builds run in the background
+A reload that needs something built first (the converted base a new adapter is served over) runs
+one and waits (:func:`run`). Snapshot builds run in the background
 (:class:`Builds`): a process that serves a model before its snapshot exists (a first start serving
 from the checkpoint, a reload serving its adapter unmerged) asks for one, the main process starts
 it, one per model at a time, and tells the serving processes to switch when it is done. A build that
@@ -31,11 +32,12 @@ _FIRST_RETRY_S = 10.0
 _LAST_RETRY_S = 600.0
 
 
-def start(action: str, name: str, settings: Settings) -> subprocess.Popen:
-    """A builder process for ``name`` with ``settings`` (model paths pinned); CPU only."""
+def start(name: str, settings: Settings, unmerged: bool = False) -> subprocess.Popen:
+    """A builder process for ``name`` with ``settings`` (model paths pinned); CPU only. ``unmerged``:
+    only what the adapter is served over unmerged (the converted base), not its merged snapshot."""
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTORCH_NVML_BASED_CUDA_CHECK": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(_ROOT), os.environ.get("PYTHONPATH")]))}
-    request = {"action": action, "model": name, "env": replace(settings, device="cpu").to_env()}
+    request = {"model": name, "env": replace(settings, device="cpu").to_env(), "unmerged": unmerged}
     process = subprocess.Popen([sys.executable, "-m", "worker.lifecycle.builder"], stdin=subprocess.PIPE,
                                stdout=subprocess.PIPE, env=env, text=True)
     process.stdin.write(json.dumps(request))
@@ -54,15 +56,15 @@ def outcome(process: subprocess.Popen) -> dict:
     return {"ok": False, "error": f"the builder process exited with {_exit_name(process.returncode)} and no answer"}
 
 
-def run(action: str, name: str, settings: Settings, timeout: float) -> str:
-    """Run a builder to its end: the ``model_version`` it built or checked, or ``ModelLoadError``."""
-    process = start(action, name, settings)
+def run(name: str, settings: Settings, timeout: float, unmerged: bool = False) -> str:
+    """Run a builder to its end: the ``model_version`` it built for, or ``ModelLoadError``."""
+    process = start(name, settings, unmerged)
     try:
         process.wait(timeout)
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
-        raise ModelLoadError(name, f"not {action}ed within {timeout:.0f}s (LOAD_TIMEOUT_S)") from None
+        raise ModelLoadError(name, f"not built within {timeout:.0f}s (LOAD_TIMEOUT_S)") from None
     result = outcome(process)
     if not result.get("ok"):
         raise ModelLoadError(name, result.get("error", "").removeprefix(f"cannot load model {name!r}: "))
@@ -115,7 +117,7 @@ class Builds:
         if job is not None:
             self.cancel(name)
         log.info("%s: building its snapshot in a builder process", name)
-        self._jobs[name] = _Job(name, key, settings, start("build", name, settings), time.monotonic())
+        self._jobs[name] = _Job(name, key, settings, start(name, settings), time.monotonic())
 
     def running(self, name: str) -> bool:
         return name in self._jobs

@@ -109,7 +109,8 @@ class Fleet:
         generation = self.board.generation + 1
         self.board.publish(Desired(generation, self.target(settings, self.versions), self.candidate,
                                    tuple(sorted(self.built)), reload_id))
-        self.accepted = (settings, generation)
+        if self.candidate is None:  # a child forked while a candidate is out must still prepare it
+            self.accepted = (settings, generation)
         return generation
 
     def accept(self, settings: Settings, versions: dict[str, str], changed: list[str]) -> None:

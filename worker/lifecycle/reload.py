@@ -11,11 +11,13 @@ them to real paths once (:mod:`worker.lifecycle.pinning`), and:
   ``model_version``, no work), ``switched`` (old -> new version, seconds to prepare, seconds until
   every serving process used it) or ``refused`` (one line: why, and that every process still serves
   the old version);
-- checks the new version before any process switches. A threads or solo worker loads it in a thread,
-  as a start does (warm-up pass included), while the old one serves. A prefork worker's main process,
-  which must do no model work while it can fork, runs a builder process
-  (:mod:`worker.lifecycle.builder`, on the CPU) that builds what the children will load and loads it
-  as they will; then every child prepares the new version beside the one it serves and reports ready;
+- builds what the new version is served from when it is missing (the converted base a new plain
+  LoRA adapter is served over at first, or the merged snapshot of any other adapter), in a builder
+  process on the CPU (:mod:`worker.lifecycle.builder`): the main process of a prefork worker does no
+  model work while it can fork;
+- checks the new version in every serving process before any switches: a threads or solo worker
+  loads it in a thread, as a start does (warm-up pass included), while the old one serves; each
+  child of a prefork worker prepares it the same way beside the version it serves and reports ready;
 - switches only when every serving process is ready, between tasks (a task that started scoring
   finishes on the model it started with); if one is not, none switches: each drops what it prepared,
   and the reload is refused. The accepted version, which a process forked later loads, changes only
@@ -120,17 +122,16 @@ def _run(reload_id: str, names: list[str]) -> None:
 
 
 def _reload(reload_id: str, candidate: Settings, changed: list[str], outcomes: dict[str, dict[str, Any]]) -> None:
-    """Check each changed model's new version, then switch every serving process to those that passed."""
+    """Build what each changed model's new version is served from, if anything, then switch every
+    serving process to those versions that loaded (each process loads and checks it before any
+    switches)."""
     start = time.perf_counter()
     prepared: dict[str, Any] = {}  # name -> the classifier to swap in (threads/solo)
     versions: dict[str, str] = {}
     for name in changed:
         try:
-            if fleet.forks:  # the check runs in a builder process: no model work here
-                dtype = fleet.served_dtype(name)
-                versions[name] = builds.run("check", name, replace(candidate, torch_dtype=dtype),
-                                            fleet.settings.load_timeout_s)
-            else:
+            versions[name] = _build_first(name, candidate)
+            if not fleet.forks:  # this process serves: load it here, as a start would
                 from worker.lifecycle.registry import load_classifier
 
                 prepared[name] = load_classifier(name, candidate, serve_unmerged=True)
@@ -156,6 +157,19 @@ def _reload(reload_id: str, candidate: Settings, changed: list[str], outcomes: d
             outcomes[name].update(outcome="refused", error=error)
         else:
             outcomes[name].update(outcome="switched", switch_s=seconds)
+
+
+def _build_first(name: str, candidate: Settings) -> str:
+    """The new version's ``model_version``, once what its load reads exists: the converted base a
+    plain LoRA adapter is served over (or the merged snapshot of any other), built by a builder
+    process when it is missing, on the CPU in the dtype the model is served in. Deciding reads small
+    files and headers only: nothing here touches a model or CUDA."""
+    from worker.loading import get_loader
+
+    cpu = replace(candidate, torch_dtype=fleet.served_dtype(name), device="cpu")
+    if get_loader(cpu, serve_unmerged=True).prepared(cpu.source(name)):
+        return _version_of(name, candidate)
+    return builds.run(name, cpu, fleet.settings.load_timeout_s, unmerged=True)
 
 
 def _switch_in_process(settings: Settings, names: list[str], versions: dict[str, str],

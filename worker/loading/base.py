@@ -125,6 +125,11 @@ class BaseLoader(ABC):
     def prepare_weights(self, plan: planning.LoadPlan, placement: Placement) -> None:  # noqa: B027 - a hook
         """Write whatever ``load_weights`` will read (nothing for the reference path)."""
 
+    def prepared(self, source: ModelSource) -> bool:
+        """Whether everything a ``load_model`` of ``source`` reads exists already, so that
+        :meth:`prepare` would write nothing: cheap (small files and headers), no model, no CUDA."""
+        return True
+
 
 def load_adapted(plan: planning.LoadPlan, placement: Placement, settings: Settings,
                  timer: StageTimer) -> torch.nn.Module:

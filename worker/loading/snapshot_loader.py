@@ -43,8 +43,8 @@ from worker.loading import lora, streamed_build
 from worker.loading.adapters import attach_adapter, merge_and_unload
 from worker.loading.base import BaseLoader, LoadedWeights, StageTimer, checkpoint_files, load_adapted, load_base
 from worker.loading.devices import Placement
-from worker.loading.plan import LoadPlan
-from worker.settings import Settings
+from worker.loading.plan import LoadPlan, resolve
+from worker.settings import ModelSource, Settings
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +106,18 @@ class SnapshotLoader(BaseLoader):
             lora.apply(plan.name, load_base(plan, base, _on_cpu(placement)), plan.adapter)
             return
         self.ensure_snapshot(plan, placement, inputs)
+
+    def prepared(self, source: ModelSource) -> bool:
+        """The snapshot exists, or (``serve_unmerged``, plain LoRA) the converted base it is served over."""
+        plan = resolve(source, self.settings)
+        placement = Placement.for_model(source.name, self.settings)
+        inputs = checkpoint_files(plan, self.settings)
+        if not inputs:
+            return False  # a Hub id not downloaded yet
+        if is_valid(self._folder(plan, placement, inputs)):
+            return True
+        return self.serve_unmerged and _unmerged_servable(plan, placement) and \
+            is_valid(self._base_folder(plan, placement, inputs))
 
     def _inputs(self, plan: LoadPlan, timer: StageTimer | None = None) -> list[Path]:
         """The checkpoint and adapter files, downloaded first when the model is a Hub id not cached."""

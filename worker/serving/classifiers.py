@@ -65,8 +65,9 @@ class SpamClassifier:
     @torch.inference_mode()
     def warm_up(self) -> None:
         """One forward pass on a one-word input: reads every weight and builds the kernels, at the
-        compute cost of a couple of tokens rather than a whole prompt."""
-        self._forward([self._fit_prompt(".")[0]] if self.is_prompt else ["."])
+        compute cost of a couple of tokens rather than a whole prompt (on a 2.4B model on two CPU
+        cores, 0.5 s rather than 10 s)."""
+        self._forward([self.tokenizer(".", add_special_tokens=False)["input_ids"]] if self.is_prompt else ["."])
 
     @torch.inference_mode()
     def score(self, texts: list[str]) -> list[Score]:
