@@ -1,0 +1,60 @@
+"""The result backend: Celery's Redis backend, plus a record that a task id succeeded which does
+not go away with its result.
+
+Celery acknowledges a redelivered message without running it when its task's result is SUCCESS
+(``worker_deduplicate_successful_tasks``). A client that read the result and deleted it (the
+producer's ``forget()``, which frees Redis) makes that lookup miss, and a late redelivery (an ack
+lost to a Redis restart, a process that died after storing its result) runs the task again. So
+every SUCCESS also writes ``spam-done-<task id>``, in the same round trip, kept as long as a
+redelivery can come late (the visibility timeout, plus a minute for the restore sweep); the
+consumer checks it (:mod:`worker.admission`). A task's final result also ends its attempt count.
+"""
+
+from __future__ import annotations
+
+from celery import states
+from celery.backends.redis import RedisBackend
+from celery.exceptions import BackendStoreError
+from kombu.utils.encoding import bytes_to_str
+
+DONE_PREFIX = "spam-done-"
+"""``spam-done-<task id>``: the task succeeded (its result may be gone)."""
+ATTEMPTS_PREFIX = "spam-attempts-"
+"""``spam-attempts-<task id>``: how often its message was delivered again without the task finishing."""
+_REDIS_SCHEMES = ("redis", "rediss", "socket")
+
+
+def backend_url(url: str) -> str:
+    """``result_backend`` naming this backend for a Redis URL (Celery's ``class+url`` form);
+    another scheme keeps Celery's backend and its result-based deduplication only."""
+    return f"{__name__}:MarkingRedisBackend+{url}" if url.partition("://")[0] in _REDIS_SCHEMES else url
+
+
+class MarkingRedisBackend(RedisBackend):
+    """Writes ``spam-done-<id>`` with a task's SUCCESS, and drops its attempt count with any final state."""
+
+    @property
+    def done_ttl_s(self) -> int:
+        visibility = (self.app.conf.broker_transport_options or {}).get("visibility_timeout", 3600)
+        return int(visibility) + 60
+
+    def _set_with_state(self, key, value, state):
+        if state not in states.READY_STATES or not key.startswith(self.task_keyprefix):
+            return super()._set_with_state(key, value, state)  # progress states, group results
+        if isinstance(value, str) and len(value) > self._MAX_STR_VALUE_SIZE:
+            raise BackendStoreError("value too large for Redis backend")
+        task_id = bytes_to_str(key[len(self.task_keyprefix):])
+        return self.ensure(self._set_final, (key, value, state, task_id))
+
+    def _set_final(self, key, value, state, task_id) -> None:
+        expires = self.failure_expires if state == states.FAILURE else self.expires
+        with self.client.pipeline() as pipe:
+            if expires:
+                pipe.setex(key, expires, value)
+            else:
+                pipe.set(key, value)
+            if state == states.SUCCESS:
+                pipe.setex(DONE_PREFIX + task_id, self.done_ttl_s, 1)
+            pipe.delete(ATTEMPTS_PREFIX + task_id)
+            pipe.publish(key, value)
+            pipe.execute()
