@@ -59,8 +59,9 @@ class Admission:
             return self._give_up(message, error, keep_body=False)
         if expired(headers):
             return self._give_up(message, ModelUnavailable(expiry_line(message)))
-        if not ((message.delivery_info or {}).get("redelivered") or headers.get("redelivered")):
-            return True
+        redelivered = (message.delivery_info or {}).get("redelivered") or headers.get("redelivered")
+        if not redelivered or not headers.get("id"):
+            return True  # a first delivery, or no task id to count by (Celery refuses such a message itself)
         task_id = _task_id(message)
         with self.app.backend.client.pipeline() as pipe:
             pipe.exists(DONE_PREFIX + task_id)

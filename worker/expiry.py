@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from datetime import UTC, datetime
 
 from kombu.utils.json import loads
@@ -39,15 +40,18 @@ def start(app, queues: list[str], timeout_s: float, hostname: str) -> threading.
 
 
 def _watch(app, queues: list[str], interval: float, hostname: str) -> None:
-    stop = threading.Event()
-    while not stop.wait(interval):
+    connection = None
+    while True:
+        time.sleep(interval)
         try:
-            with app.connection_for_write() as connection:
-                channel = connection.default_channel
-                for queue in queues:
-                    sweep(app, channel, queue, hostname)
-        except Exception as exc:  # noqa: BLE001 - Redis away: look again later
+            connection = connection or app.connection_for_write()
+            for queue in queues:
+                sweep(app, connection.default_channel, queue, hostname)
+        except Exception as exc:  # noqa: BLE001 - Redis away: look again later, on a new connection
             log.debug("could not look for expired escalations: %s", exc)
+            if connection is not None:
+                connection.release()
+                connection = None
 
 
 def sweep(app, channel, queue: str, hostname: str, now: datetime | None = None) -> int:
