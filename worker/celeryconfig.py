@@ -60,16 +60,19 @@ def celery_config(settings: Settings) -> dict:
         "task_soft_time_limit": settings.task_time_limit_s,
         "task_time_limit": settings.task_time_limit_s + 30,
         "result_expires": 24 * 3600,
-        # A result that cannot be stored because Redis is restarting is retried, not dropped.
-        "result_backend_always_retry": True,
-        "result_backend_max_retries": 30,
-        "result_extended": False,
-        # Worker-side publishes (forwards, escalations, chunks, a chord's join) and the backend's own
-        # chord bookkeeping ride out a broker outage of PUBLISH_RETRY_S; past it, the task's message
-        # is requeued (tasks.spam), not failed.
+        # Worker-side publishes (forwards, escalations, chunks, a chord's join) ride out a broker
+        # outage of PUBLISH_RETRY_S; past it, the task's message is requeued (tasks.spam), not failed.
         "task_publish_retry": True,
         "task_publish_retry_policy": publish_policy,
-        "result_backend_transport_options": {"retry_policy": publish_policy},
+        # Every result-backend command is retried for PUBLISH_RETRY_S at the connection
+        # (worker.results), Celery's chord bookkeeping included; Celery's own retries around it
+        # (storing a result, its `ensure`) add a try or two rather than multiplying that wait.
+        "result_backend_always_retry": True,
+        "result_backend_max_retries": 2,
+        "result_backend_transport_options": {"retry_policy": {"max_retries": 1, "interval_start": 0,
+                                                              "interval_step": 0, "interval_max": 0},
+                                             "connection_retries": publish_policy["max_retries"]},
+        "result_extended": False,
         # Per-model queues: a fleet scales KoELECTRA and EXAONE workers separately.
         "task_default_queue": DEFAULT_QUEUE,
         "task_queues": worker_queues(settings),

@@ -16,6 +16,8 @@ from celery import states
 from celery.backends.redis import RedisBackend
 from celery.exceptions import BackendStoreError
 from kombu.utils.encoding import bytes_to_str
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 DONE_PREFIX = "spam-done-"
 """``spam-done-<task id>``: the task succeeded (its result may be gone)."""
@@ -31,7 +33,17 @@ def backend_url(url: str) -> str:
 
 
 class MarkingRedisBackend(RedisBackend):
-    """Writes ``spam-done-<id>`` with a task's SUCCESS, and drops its attempt count with any final state."""
+    """Writes ``spam-done-<id>`` with a task's SUCCESS, and drops its attempt count with any final
+    state; every command is retried while Redis is away (``PUBLISH_RETRY_S``)."""
+
+    def _create_client(self, **params):
+        """A client whose commands retry a lost connection for about ``PUBLISH_RETRY_S`` (waits of
+        0.5, 1, then 2 s) instead of redis-py's 3 tries. Celery does not retry its chord bookkeeping
+        after a chunk stored its result (the part count, the claim, the join's lookup): a restart
+        caught between the two failed the whole split batch. Each step is safe to send again (the
+        part is recorded once per task id)."""
+        retries = self._transport_options.get("connection_retries", 3)
+        return super()._create_client(**{**params, "retry": Retry(ExponentialBackoff(cap=2.0, base=0.25), retries)})
 
     @property
     def done_ttl_s(self) -> int:

@@ -22,10 +22,19 @@ def test_the_publish_retries_wait_about_the_budget(budget):
 
 
 def test_worker_side_publishes_and_the_backend_use_the_publish_budget():
+    from celery import Celery
+
+    from worker.results import MarkingRedisBackend
+
     config = celery_config(Settings.from_env({"PUBLISH_RETRY_S": "30"}, dotenv=False))
     assert config["task_publish_retry"] is True
     assert config["task_publish_retry_policy"] == publish_retry_policy(30.0)
-    assert config["result_backend_transport_options"]["retry_policy"] == publish_retry_policy(30.0)
+    app = Celery("t", set_as_current=False)
+    app.conf.update(config)
+    backend = MarkingRedisBackend(app=app, url="redis://127.0.0.1:1/1")  # never connects here
+    retry = backend.client.connection_pool.connection_kwargs["retry"]
+    waits = [retry._backoff.compute(n) for n in range(1, retry._retries + 1)]
+    assert 30.0 <= sum(waits) < 36.0, waits
 
 
 def test_message_size_limit_defaults_to_room_for_any_valid_batch():
