@@ -7,6 +7,8 @@ catches a task in the state it wants by construction, not by timing:
 - ``HOLD:<gate>``: before the task body runs, write ``<FAULT_DIR>/<gate>.<task id>.held`` (the
   pid), then wait until ``<FAULT_DIR>/<gate>.open`` exists. The test knows the task is running
   in that pid: it kills it, or takes Redis away, then opens the gate.
+- ``HOLD-PART:<gate>``: a chunk of a split batch stores its result, then waits at the gate before
+  Celery records it as a part of its chord (the bookkeeping that publishes the join).
 - ``DIE-AFTER:<gate>``: after the task stored its result, write the same file and wait for the
   gate, then kill the process (once per gate): a process lost after its task succeeded.
 - ``POISON``: kill the process running the task, before its body, every time: a message that
@@ -25,6 +27,7 @@ from pathlib import Path
 from celery.signals import task_postrun, task_prerun
 
 from worker.celery import app
+from worker.results import MarkingRedisBackend
 
 _POLL_S = 0.02
 
@@ -74,5 +77,17 @@ def _after(task_id=None, args=None, kwargs=None, **_) -> None:
     died.write_text(str(os.getpid()))
     os.kill(os.getpid(), signal.SIGKILL)
 
+
+_record_part = MarkingRedisBackend.on_chord_part_return
+
+
+def _held_part(self, request, state, result, **kwargs):
+    gate = _marked(request.args, request.kwargs, "HOLD-PART:")
+    if gate:
+        _wait_at(gate, request.id)
+    return _record_part(self, request, state, result, **kwargs)
+
+
+MarkingRedisBackend.on_chord_part_return = _held_part
 
 __all__ = ["app"]

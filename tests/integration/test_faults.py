@@ -199,10 +199,11 @@ def test_split_fleet_rides_out_redis_restarts_of_5_and_30_s(worker_factory, mode
     docker-compose.yml), a stream of singles and batches, through two Redis restarts (5 s, then 30 s
     down) with countdown tasks held by the worker. At each, the tasks held at a gate are let go while
     Redis is down, so they publish then: an escalation, the chunks of an `auto` batch (which escalate
-    in turn), the chunks of an EXAONE batch and their joins. The EXAONE worker retries for the
-    default PUBLISH_RETRY_S (60 s) and gets through both; the KoELECTRA worker's 10 s get it through
-    the first, and past them at the second its tasks' messages go back to their queue and run again.
-    Each task ends SUCCESS, exactly once."""
+    in turn), the chunks of an EXAONE batch and their joins; and a chunk that stored its result
+    records its part of the chord then. The EXAONE worker retries for the default PUBLISH_RETRY_S
+    (60 s) and gets through both; the KoELECTRA worker's 10 s get it through the first, and past
+    them at the second its tasks' messages go back to their queue and run again. Each task ends
+    SUCCESS, exactly once."""
     urls = (own_redis.url(0), own_redis.url(1))
     ko = worker_factory({**models.env(PRELOAD_MODELS="koelectra", CASCADE_BAND="0,1", BATCH_CHUNK_ITEMS="4",
                                       PUBLISH_RETRY_S="10"), **gates.env},
@@ -246,9 +247,11 @@ def test_split_fleet_rides_out_redis_restarts_of_5_and_30_s(worker_factory, mode
                 time.sleep(0.05)
             held += [client.submit(f"HOLD:{gate} 엄마 오늘 저녁"),
                      client.submit_batch([f"HOLD:{gate} 내일 회의"] + [f"내일 회의 {j}" for j in range(9)]),
-                     client.submit_batch([f"HOLD:{gate} {_SPAM}"] + [f"{_SPAM} {j}" for j in range(9)], "exaone")]
+                     client.submit_batch([f"HOLD:{gate} {_SPAM}"] + [f"{_SPAM} {j}" for j in range(9)], "exaone"),
+                     client.submit_batch([f"HOLD-PART:{gate} {_SPAM}"] + [f"{_SPAM} {j}" for j in range(9)],
+                                         "exaone")]
             handles.extend(held)
-            gates.held(gate, count=3, workers=[ko, ex])
+            gates.held(gate, count=4, workers=[ko, ex])
             outages.append(_restart(own_redis, down_s, during=lambda gate=gate: gates.open(gate)))
             back = time.monotonic()
         _, settled_at = _settle(held, timeout=240)
