@@ -8,6 +8,7 @@ lost to a Redis restart, a process that died after storing its result) runs the 
 every SUCCESS also writes ``spam-done-<task id>``, in the same round trip, kept as long as a
 redelivery can come late (the visibility timeout, plus a minute for the restore sweep); the
 consumer checks it (:mod:`worker.admission`). A task's final result also ends its attempt count.
+Every command of this backend rides out a Redis outage of ``PUBLISH_RETRY_S``.
 """
 
 from __future__ import annotations
@@ -40,8 +41,9 @@ class MarkingRedisBackend(RedisBackend):
         """A client whose commands retry a lost connection for about ``PUBLISH_RETRY_S`` (waits of
         0.5, 1, then 2 s) instead of redis-py's 3 tries. Celery does not retry its chord bookkeeping
         after a chunk stored its result (the part count, the claim, the join's lookup): a restart
-        caught between the two failed the whole split batch. Each step is safe to send again (the
-        part is recorded once per task id)."""
+        caught between the two failed the whole split batch. Sending a step again is safe when Redis
+        never ran it (refused, or writes paused for a restart), and a part is recorded once per task
+        id; a claim whose reply alone was lost (Redis killed mid-reply) would leave the join unsent."""
         retries = self._transport_options.get("connection_retries", 3)
         return super()._create_client(**{**params, "retry": Retry(ExponentialBackoff(cap=2.0, base=0.25), retries)})
 
