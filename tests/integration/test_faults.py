@@ -191,6 +191,32 @@ def test_poison_message_is_dead_lettered_while_the_worker_serves(worker_factory,
     client.close()
 
 
+def test_poison_message_that_kills_a_threads_worker_is_dead_lettered_by_the_next(worker_factory, models, gates):
+    """On the threads pool a poison message kills the whole worker; its message comes back a
+    visibility timeout later to whichever worker runs then, which counts the delivery and, past
+    MAX_TASK_ATTEMPTS, gives up on it instead of dying too."""
+    env = {**models.env(MAX_TASK_ATTEMPTS="1", TASK_TIME_LIMIT_S="1", VISIBILITY_TIMEOUT_S="32",
+                        PRELOAD_MODELS="koelectra"), **gates.env}
+    first = worker_factory(env, pool="threads", concurrency=2, name="poison-threads", app=FAULT_APP)
+    client = client_for(first, timeout=120)
+    wait_until_serving(first, client, handle=client.submit("준비 확인", "koelectra"))
+    sent = time.monotonic()
+    poison = client.submit(f"POISON {_SPAM}", "koelectra")
+    assert first.process.wait(timeout=60) == -signal.SIGKILL, "the poison kills the whole threads worker"
+    second = worker_factory(env, pool="threads", concurrency=2, name="poison-threads-next", app=FAULT_APP,
+                            urls=(first.broker_url, first.backend_url))
+    with pytest.raises(TaskDeadLettered, match=rf"task {poison.id} was delivered 2 times and never finished"):
+        poison.get(timeout=120)
+    given_up = time.monotonic() - sent
+    assert f"dead-lettered task {poison.id} (spam.classify)" in second.log()
+    assert client.classify("내일 회의는 3시입니다", "koelectra")["model"] == "koelectra"
+    assert second.process.poll() is None
+    _assert_nothing_left(redis.Redis.from_url(first.broker_url))
+    print(f"\npoison, threads: the first worker killed, the message dead-lettered by the next {given_up:.1f}s after "
+          "sending (VISIBILITY_TIMEOUT_S=32)")
+    client.close()
+
+
 # --- Redis restarts -------------------------------------------------------------------------------
 
 
