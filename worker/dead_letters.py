@@ -45,10 +45,10 @@ def give_up(app, message, error: Exception, hostname: str, attempts: int | None 
             pipe.lpush(DEAD_LETTER_LIST, json.dumps(record, default=str))
             pipe.ltrim(DEAD_LETTER_LIST, 0, KEEP - 1)
             pipe.execute()
-    context = _context(app, message, hostname) if keep_body else None
-    app.backend.mark_as_failure(record["task_id"], error, request=context)
     log.error("dead-lettered task %s (%s): %s; its message is kept in the Redis list %s", record["task_id"],
               record["task"], error, DEAD_LETTER_LIST)
+    context = _context(app, message, hostname) if keep_body else None
+    app.backend.mark_as_failure(record["task_id"], error, request=context)
 
 
 def _context(app, message, hostname: str):
