@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 
 import pytest
 import redis
@@ -56,8 +57,15 @@ def test_a_split_batch_returns_on_a_gpu_only_fleet_and_its_chunks_results_are_de
     alone = [client.classify(t, "exaone") for t in texts[:6] + texts[7:]]
     assert [r["spam_score"] for r in results[:6] + results[7:]] == pytest.approx([r["spam_score"] for r in alone],
                                                                                   abs=1e-5)
-    chunks = re.findall(r"Task spam\.classify_chunk\[([0-9a-f-]{36})\] succeeded", worker.log())
-    assert len(chunks) == 3 and f"Task spam.join_chunks[{batch.id}] succeeded" in worker.log()
+    deadline = time.monotonic() + 15  # a result is stored before its `succeeded` line is written
+    while True:
+        log = worker.log()
+        chunks = re.findall(r"Task spam\.classify_chunk\[([0-9a-f-]{36})\] succeeded", log)
+        joined = f"Task spam.join_chunks[{batch.id}] succeeded" in log
+        if len(chunks) == 3 and joined or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert len(chunks) == 3 and joined
     backend = redis.Redis.from_url(worker.backend_url)
     assert [c for c in chunks if backend.exists(f"celery-task-meta-{c}")] == [], "chunk results deleted once joined"
     assert backend.exists(f"celery-task-meta-{batch.id}")
