@@ -103,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="records the workers may fail to score before the command exits 1 (default 0)")
     ev.add_argument("--no-progress", action="store_true")
 
-    sub.add_parser("stats", help="print every worker's models, load figures and memory", **common)
+    sub.add_parser("stats", help="print every worker's models, load figures and memory, and the dead-lettered "
+                   "messages", **common)
 
     rl = sub.add_parser("reload", help="roll the workers onto the model files their settings name now", **common)
     rl.add_argument("--model", choices=("all", "koelectra", "exaone"), default="all")
@@ -218,9 +219,10 @@ def _run(args: argparse.Namespace) -> int:
 def _serve(client: SpamClient, args: argparse.Namespace, prepared: tuple | None) -> int:
     """Run the command; ``prepared`` is evaluate's checked input, threshold, band and its source."""
     if args.command == "stats":
-        from producer.stats_table import render
+        from producer.stats_table import read_dead_letters, render, render_dead_letters
 
         print(render(client.app.control.inspect(timeout=min(args.timeout, 2.0)).stats() or {}))
+        print(render_dead_letters(*read_dead_letters(client.app)))
         return 0
     if args.command == "classify":
         handle = client.submit(args.text, args.model)

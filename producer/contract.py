@@ -24,6 +24,12 @@ CLASSIFY_CHUNK = "spam.classify_chunk"
 DEFAULT_QUEUE = "celery"
 """Every worker serves it, so a client that knows only the task names is always served."""
 
+DEAD_LETTER_LIST = "spam.dead_letter"
+"""A Redis list on the broker: the messages the workers gave up on (one that never finished, e.g.
+killing its worker process each time; one too big; an escalation no worker took), newest first,
+each a JSON record with ``task_id``, ``task``, ``reason``, ``at`` and the kombu ``message`` (its
+body left out when too big), which ``LPUSH``ed back to ``queue`` would send it again."""
+
 
 def queue_for(model: object) -> str:
     """The queue a task for ``model`` goes to: ``spam.koelectra``/``spam.exaone``, or the default
@@ -61,3 +67,8 @@ class ModelUnavailable(LookupError):
 
 class ClassificationFailed(RuntimeError):
     """The worker could not score the text (out of memory even alone). Never retried."""
+
+
+class TaskDeadLettered(RuntimeError):
+    """The workers gave up on the task's message: it was delivered ``MAX_TASK_ATTEMPTS`` times and
+    never finished (its worker process died each time). The message is in ``DEAD_LETTER_LIST``."""

@@ -1,12 +1,17 @@
-"""``python -m producer stats``: every worker's models, load figures and memory, as a table.
+"""``python -m producer stats``: every worker's models, load figures and memory, as a table, then
+the messages the workers gave up on.
 
 The figures come from ``celery inspect stats`` (the same the workers give Flower), so this needs
-only the broker. Keys look like ``child0.pid123.exaone.load_s`` and ``child0.pid123.rss_mb``.
+only the broker. Keys look like ``child0.pid123.exaone.load_s`` and ``child0.pid123.rss_mb``. The
+dead-letter list is a Redis list on the broker (:data:`producer.contract.DEAD_LETTER_LIST`).
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
+
+from producer.contract import DEAD_LETTER_LIST
 
 MODEL_COLUMNS = [
     ("model", "model"), ("version", "version"), ("load_s", "load s"), ("source", "source"),
@@ -58,3 +63,32 @@ def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.2f}"
     return str(value)
+
+
+def read_dead_letters(app, limit: int = 10) -> tuple[int, list[dict[str, Any]]]:
+    """How many messages the dead-letter list holds, and the newest ``limit`` of them."""
+    with app.connection_for_read() as connection:
+        with connection.default_channel.conn_or_acquire() as client:
+            with client.pipeline() as pipe:
+                pipe.llen(DEAD_LETTER_LIST)
+                pipe.lrange(DEAD_LETTER_LIST, 0, limit - 1)
+                total, raw = pipe.execute()
+    records = []
+    for item in raw:
+        try:
+            records.append(json.loads(item))
+        except ValueError:
+            records.append({"reason": "(unreadable record)"})
+    return total, records
+
+
+def render_dead_letters(total: int, records: list[dict[str, Any]]) -> str:
+    """One line per dead-lettered message, newest first."""
+    if not total:
+        return f"dead-lettered messages: none ({DEAD_LETTER_LIST})"
+    lines = [f"dead-lettered messages: {total} in the Redis list {DEAD_LETTER_LIST}"
+             + (f", the newest {len(records)}:" if total > len(records) else ":")]
+    for r in records:
+        lines.append(f"  {r.get('at', '?')}  {r.get('task_id', '?')}  {r.get('task', '?')}  "
+                     f"from {r.get('queue') or '?'} on {r.get('worker') or '?'}: {r.get('reason', '?')}")
+    return "\n".join(lines)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from kombu import Exchange, Queue
 
 from producer import connection
@@ -17,10 +19,21 @@ def worker_queues(settings: Settings) -> list[Queue]:
     return [Queue(name, exchange, routing_key=name) for name in names]
 
 
+def publish_retry_policy(budget_s: float) -> dict:
+    """Retry a publish while the broker is unreachable, waiting 0, 0.5, 1, 1.5 then 2 s between
+    tries, for about ``budget_s`` in all (a Redis restart or failover takes seconds to a minute).
+    Celery's default gives up after 3 tries, 0.7 s here, and the task then failed for good."""
+    ramp = (0.0, 0.5, 1.0, 1.5)
+    extra = max(0.0, budget_s - sum(ramp))
+    return {"max_retries": len(ramp) + math.ceil(extra / 2.0), "interval_start": 0.0, "interval_step": 0.5,
+            "interval_max": 2.0}
+
+
 def celery_config(settings: Settings) -> dict:
+    publish_policy = publish_retry_policy(settings.publish_retry_s)
     return {
         "broker_url": settings.celery_broker_url,
-        "result_backend": settings.celery_result_backend,
+        "result_backend": settings.celery_result_backend,  # the class: worker.celery (worker.results)
         # JSON on the wire, never pickle: a pickled message is refused by the consumer.
         "task_serializer": "json",
         "result_serializer": "json",
@@ -52,9 +65,18 @@ def celery_config(settings: Settings) -> dict:
         "task_soft_time_limit": settings.task_time_limit_s,
         "task_time_limit": settings.task_time_limit_s + 30,
         "result_expires": 24 * 3600,
-        # A result that cannot be stored because Redis is restarting is retried, not dropped.
+        # Worker-side publishes (forwards, escalations, chunks, a chord's join) ride out a broker
+        # outage of PUBLISH_RETRY_S; past it, the task's message is requeued (tasks.spam), not failed.
+        "task_publish_retry": True,
+        "task_publish_retry_policy": publish_policy,
+        # Every result-backend command is retried for PUBLISH_RETRY_S at the connection
+        # (worker.results), Celery's chord bookkeeping included; Celery's own retries around it
+        # (storing a result, its `ensure`) add a try or two rather than multiplying that wait.
         "result_backend_always_retry": True,
-        "result_backend_max_retries": 30,
+        "result_backend_max_retries": 2,
+        "result_backend_transport_options": {"retry_policy": {"max_retries": 1, "interval_start": 0,
+                                                              "interval_step": 0, "interval_max": 0},
+                                             "connection_retries": publish_policy["max_retries"]},
         "result_extended": False,
         # Per-model queues: a fleet scales KoELECTRA and EXAONE workers separately.
         "task_default_queue": DEFAULT_QUEUE,

@@ -1,9 +1,12 @@
-"""Delivery through Redis restarts: requeue what a lost broker connection made Celery drop.
+"""The worker's consumer: delivery through Redis restarts, and what it checks before a task runs.
 
 Celery forgets the tasks it received but had not handed to a pool process when the broker
 connection drops, counting on the broker to requeue them, which kombu's Redis transport fails to do
-while Redis is down. This consumer requeues exactly those after reconnecting and retries the
-transport's bookkeeping writes while Redis restarts. Measured in ``docs/fault-figures.md``.
+while Redis is down. This consumer requeues exactly those after reconnecting (and none a pool
+process will run anyway) and retries the transport's bookkeeping writes while Redis restarts.
+Every message passes :mod:`worker.admission` first (size, redelivery count, already succeeded,
+expired), and a worker that sends to a model queue it does not serve fails what expires there
+(:mod:`worker.expiry`). Measured in ``docs/fault-figures.md``.
 """
 
 from __future__ import annotations
@@ -14,6 +17,10 @@ import time
 
 from celery.worker import state as worker_state
 from celery.worker.consumer import Consumer
+
+from producer.contract import queue_for
+from worker import expiry
+from worker.admission import Admission
 
 _log = logging.getLogger(__name__)
 
@@ -35,8 +42,23 @@ class RedisRestoringConsumer(Consumer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        from worker.celery import settings  # this class is loaded by name once the app exists
+
+        self._settings = settings
         self._lost_channels: list = []  # channels of lost connections with tasks still running
         self._forgotten: list = []  # requests dropped at a connection loss, to requeue
+        self._admission = Admission(self.app, settings, self.hostname)
+        self._expiry_watch = None
+
+    def create_task_handler(self, *args, **kwargs):
+        handle = super().create_task_handler(*args, **kwargs)
+        admit = self._admission.admit
+
+        def on_task_received(message):
+            if admit(message):
+                handle(message)
+
+        return on_task_received
 
     def on_connection_error_after_connected(self, exc):
         channel = getattr(self.task_consumer, "channel", None)
@@ -46,14 +68,22 @@ class RedisRestoringConsumer(Consumer):
         super().on_connection_error_after_connected(exc)
 
     def on_close(self):
-        held = [r for r in (*worker_state.reserved_requests, *worker_state.scheduled_requests)
+        # Each dropped request with the job the pool made of it, taken before the prefork pool's
+        # flush drops every job a child has not acknowledged yet from its cache.
+        held = [(r, r._apply_result() if r._apply_result is not None else None)
+                for r in (*worker_state.reserved_requests, *worker_state.scheduled_requests)
                 if r not in worker_state.active_requests]
         super().on_close()  # forgets them and empties the prefork pool's unsent buffer
         cache = getattr(getattr(self.pool, "_pool", None), "_cache", None)
-        self._forgotten += [r for r in held if not _runs_anyway(r, cache) and r not in self._forgotten]
+        self._forgotten += [r for r, job in held if not _runs_anyway(r, job, cache) and r not in self._forgotten]
 
     def connect(self):
         connection = super().connect()
+        if self._expiry_watch is None:  # after the pool started: no thread of ours crosses a fork
+            served = set(self._settings.preload_models)
+            self._expiry_watch = expiry.start(self.app, [queue_for(m) for m in ("koelectra", "exaone")
+                                                         if m not in served],
+                                              self._settings.escalation_timeout_s, self.hostname) or False
         qos = connection.default_channel.qos  # the task consumer's channel
         if not hasattr(qos, "restore_by_tag"):
             return connection
@@ -76,11 +106,25 @@ class RedisRestoringConsumer(Consumer):
         return connection
 
 
-def _runs_anyway(request, pool_cache) -> bool:
-    """Whether a request Celery dropped still runs: a pool process has it (a job left in the prefork
-    pool's cache after its flush; anything handed to a solo or threads pool)."""
-    job = request._apply_result() if request._apply_result is not None else None
-    return job is not None and (pool_cache is None or pool_cache.get(job._job) is job)
+def _runs_anyway(request, job, pool_cache) -> bool:
+    """Whether a request Celery dropped at a connection loss still runs, from what its pool holds:
+
+    - never handed to the pool (reserved behind a rate limit, held for an ETA): no;
+    - threads (and solo): anything handed over sits in the executor's queue, which runs it;
+    - prefork: a job whose bytes went to a child (``_write_to``) runs in that child, although the
+      flush dropped it from the pool's cache; it is put back there, so the child's acceptance and
+      result reach the request and its message is acknowledged as usual. A job still in the
+      unsent buffer was dropped with the buffer: no.
+    """
+    if request._apply_result is None:
+        return False
+    if pool_cache is None:
+        return True
+    child = getattr(job, "_write_to", None)
+    if job is None or child is None or not child._is_alive():
+        return False
+    pool_cache.setdefault(job._job, job)
+    return True
 
 
 _RETRY_WAITS_S = (0.1, 0.2, 0.5, 1, 2, 3, 5, 5, 10, 10, 10, 10)

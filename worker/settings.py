@@ -129,6 +129,22 @@ class Settings:
     metrics_bind: str = "127.0.0.1"
     """Address the Prometheus endpoint listens on; the endpoint has no authentication. In a
     container, ``0.0.0.0`` lets a scraper on the container network in."""
+    # --- Delivery: broker outages, poison messages, escalations nobody takes (worker/delivery.py) ---
+    publish_retry_s: float = 60.0
+    """How long a task keeps retrying what it publishes (a forward, an escalation, the chunks of a
+    split batch, their join) while the broker is unreachable; then its own message goes back to
+    its queue, to run again, instead of failing."""
+    max_task_attempts: int = 3
+    """A message delivered more often than this without ever finishing (its worker process died
+    running it each time) is dead-lettered: its task fails and the message is kept in the Redis
+    list ``spam.dead_letter`` (``python -m producer stats`` shows it)."""
+    max_message_bytes: int = 0
+    """Task messages with a bigger body are refused before it is decoded (dead-lettered, their task
+    failed with ``InvalidInput``); 0 means room for any valid batch: 12 bytes (JSON's escaped worst
+    case) per character of ``MAX_BATCH_ITEMS`` x ``MAX_TEXT_CHARS``, plus 1 MiB."""
+    escalation_timeout_s: float = 600.0
+    """An escalation or forward that no worker of its model takes within this fails with
+    ``ModelUnavailable`` (e.g. no EXAONE worker runs), instead of waiting forever."""
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, dotenv: bool = True) -> Settings:
@@ -212,6 +228,13 @@ class Settings:
             raise SettingsError("TORCH_THREADS", "must be 0 (automatic) or a positive count")
         if self.load_timeout_s <= 0:
             raise SettingsError("LOAD_TIMEOUT_S", "must be a positive number of seconds")
+        for name in ("publish_retry_s", "escalation_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise SettingsError(name.upper(), "must be a positive number of seconds")
+        if self.max_task_attempts < 1:
+            raise SettingsError("MAX_TASK_ATTEMPTS", "must be at least 1")
+        if self.max_message_bytes < 0:
+            raise SettingsError("MAX_MESSAGE_BYTES", "must be 0 (room for any valid batch) or a number of bytes")
         for name in ("celery_broker_url", "celery_result_backend"):
             if "://" not in getattr(self, name):
                 raise SettingsError(name.upper(), "must be a URL such as redis://host:6379/0")
@@ -227,6 +250,11 @@ class Settings:
                                 "tasks running; raise the grace period (compose stop_grace_period) with it")
         if not _is_host(self.metrics_bind):
             raise SettingsError("METRICS_BIND", f"{self.metrics_bind!r} is not an IP address or host name")
+
+    @property
+    def message_bytes_limit(self) -> int:
+        """``MAX_MESSAGE_BYTES``, or room for any valid batch when it is 0."""
+        return self.max_message_bytes or 12 * self.max_batch_items * self.max_text_chars + (1 << 20)
 
     @property
     def snapshot_path(self) -> Path:

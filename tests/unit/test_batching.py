@@ -71,6 +71,16 @@ def test_a_failed_pass_fails_its_callers_only():
     assert batcher.score(["again"])[0].spam_score == pytest.approx(0.05)  # the batcher thread lives on
 
 
+def test_a_failed_pass_is_scored_again_one_text_at_a_time():
+    """One text that breaks a shared forward pass fails its own caller only."""
+    scorer = SlowScorer(fail_on="bad")
+    batcher = Batcher(scorer, max_batch=8, max_wait_s=5.0, in_flight=lambda: 4)  # the four share the first pass
+    out = _run_concurrently(batcher, ["bad", "good", "fine", "okay"])
+    assert isinstance(out["bad"], RuntimeError)
+    assert {t: out[t] for t in ("good", "fine", "okay")} == pytest.approx({"good": 0.04, "fine": 0.04, "okay": 0.04})
+    assert scorer.calls[0] > 1 and scorer.calls[-scorer.calls[0]:] == [1] * scorer.calls[0], scorer.calls
+
+
 def test_a_caller_past_its_deadline_fails_clearly_and_the_batcher_serves_the_next():
     scorer = SlowScorer()  # 50 ms a pass
     batcher = Batcher(scorer, max_batch=1, max_wait_s=0.0)

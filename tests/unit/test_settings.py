@@ -53,6 +53,10 @@ def test_values_are_parsed():
     ({"CASCADE_BAND": "0.5"}, "CASCADE_BAND: '0.5' is not two numbers"),
     ({"CASCADE_BAND": "0.8,0.2"}, "CASCADE_BAND: 0.8,0.2 is not low,high"),
     ({"BATCH_WAIT_MS": "-1"}, "BATCH_WAIT_MS: must be 0 or a positive"),
+    ({"PUBLISH_RETRY_S": "0"}, "PUBLISH_RETRY_S: must be a positive number of seconds"),
+    ({"ESCALATION_TIMEOUT_S": "-5"}, "ESCALATION_TIMEOUT_S: must be a positive number of seconds"),
+    ({"MAX_TASK_ATTEMPTS": "0"}, "MAX_TASK_ATTEMPTS: must be at least 1"),
+    ({"MAX_MESSAGE_BYTES": "-1"}, "MAX_MESSAGE_BYTES: must be 0"),
 ])
 def test_bad_values_name_the_variable(env, message):
     with pytest.raises(SettingsError, match=message.replace("(", r"\(")):

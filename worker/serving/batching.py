@@ -9,6 +9,8 @@ their way to it, so a lone message never waits. Every message stays an ordinary 
 
 A caller may give a deadline (:mod:`worker.serving.time_limits`): past it, it stops waiting, its texts not
 yet in a pass are dropped, and it raises ``SoftTimeLimitExceeded``; the batcher thread goes on.
+A pass that fails is run again one text at a time, so a text that cannot be scored fails its own
+task only, never the others that shared its pass.
 """
 
 from __future__ import annotations
@@ -78,12 +80,28 @@ class Batcher:
             try:
                 scores = self.scorer.score([text for text, _ in batch])
             except BaseException as exc:  # noqa: BLE001 - every waiting task must hear about it
-                log.exception("%s: a batched forward pass failed", self.scorer.name)
-                for _, future in batch:
-                    future.set_exception(exc)
+                if len(batch) == 1:
+                    log.exception("%s: a forward pass failed", self.scorer.name)
+                    batch[0][1].set_exception(exc)
+                else:
+                    log.warning("%s: a batched forward pass of %d texts failed (%s: %s); scoring each alone",
+                                self.scorer.name, len(batch), type(exc).__name__, exc)
+                    self._score_alone(batch)
                 continue
             self._on_batch(len(batch))
             for (_, future), score in zip(batch, scores, strict=True):
+                future.set_result(score)
+
+    def _score_alone(self, batch: list[tuple[str, Future]]) -> None:
+        """After a failed pass: one pass per text, so a text that cannot be scored fails only its own task."""
+        for text, future in batch:
+            try:
+                score = self.scorer.score([text])[0]
+            except BaseException as exc:  # noqa: BLE001 - its task hears about it
+                log.exception("%s: a forward pass failed on one text", self.scorer.name)
+                future.set_exception(exc)
+            else:
+                self._on_batch(1)
                 future.set_result(score)
 
     def _collect(self) -> list[tuple[str, Future]]:
