@@ -14,7 +14,7 @@ Every task checks its arguments, the internal ones too: a message is a message, 
 What a task publishes is retried while the broker is away (``PUBLISH_RETRY_S``, in
 ``worker.celeryconfig``); past that, the task's own message goes back to its queue to run again.
 Escalations and forwards expire after ``ESCALATION_TIMEOUT_S`` with a clear error when no worker of
-their model takes them (:mod:`worker.expiry`).
+their model takes them (:mod:`worker.delivery.expiry`).
 """
 
 from __future__ import annotations

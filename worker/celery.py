@@ -11,8 +11,8 @@ os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
 
 from celery import Celery
 
-from worker import results
 from worker.celeryconfig import celery_config
+from worker.delivery import results
 from worker.errors import SettingsError
 from worker.settings import Settings
 
@@ -23,7 +23,7 @@ except SettingsError as exc:
 
 app = Celery("spam", include=["tasks.spam"])
 app.conf.update(celery_config(settings))
-# The result backend by class and URL (worker.results): the CELERY_RESULT_BACKEND variable would
+# The result backend by class and URL (worker.delivery.results): the CELERY_RESULT_BACKEND variable would
 # override a ``result_backend`` setting naming the class.
 app.backend_cls = results.backend_url(settings.celery_result_backend)
 

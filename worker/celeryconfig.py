@@ -33,7 +33,7 @@ def celery_config(settings: Settings) -> dict:
     publish_policy = publish_retry_policy(settings.publish_retry_s)
     return {
         "broker_url": settings.celery_broker_url,
-        "result_backend": settings.celery_result_backend,  # the class: worker.celery (worker.results)
+        "result_backend": settings.celery_result_backend,  # the class: worker.celery (worker.delivery.results)
         # JSON on the wire, never pickle: a pickled message is refused by the consumer.
         "task_serializer": "json",
         "result_serializer": "json",
@@ -61,7 +61,7 @@ def celery_config(settings: Settings) -> dict:
         },
         **connection.backend_options(settings.redis_socket_timeout_s, settings.redis_health_check_interval_s),
         # Requeue what a lost broker connection made Celery drop (see RedisRestoringConsumer).
-        "worker_consumer": "worker.delivery:RedisRestoringConsumer",
+        "worker_consumer": "worker.delivery.consumer:RedisRestoringConsumer",
         "task_soft_time_limit": settings.task_time_limit_s,
         "task_time_limit": settings.task_time_limit_s + 30,
         "result_expires": 24 * 3600,
@@ -70,7 +70,7 @@ def celery_config(settings: Settings) -> dict:
         "task_publish_retry": True,
         "task_publish_retry_policy": publish_policy,
         # Every result-backend command is retried for PUBLISH_RETRY_S at the connection
-        # (worker.results), Celery's chord bookkeeping included; Celery's own retries around it
+        # (worker.delivery.results), Celery's chord bookkeeping included; Celery's own retries around it
         # (storing a result, its `ensure`) add a try or two rather than multiplying that wait.
         "result_backend_always_retry": True,
         "result_backend_max_retries": 2,

@@ -129,7 +129,7 @@ class Settings:
     metrics_bind: str = "127.0.0.1"
     """Address the Prometheus endpoint listens on; the endpoint has no authentication. In a
     container, ``0.0.0.0`` lets a scraper on the container network in."""
-    # --- Delivery: broker outages, poison messages, escalations nobody takes (worker/delivery.py) ---
+    # --- Delivery: broker outages, poison messages, escalations nobody takes (worker/delivery/consumer.py) ---
     publish_retry_s: float = 60.0
     """How long a task keeps retrying what it publishes (a forward, an escalation, the chunks of a
     split batch, their join) while the broker is unreachable; then its own message goes back to

@@ -27,7 +27,7 @@ from pathlib import Path
 from celery.signals import task_postrun, task_prerun
 
 from worker.celery import app
-from worker.results import MarkingRedisBackend
+from worker.delivery.results import MarkingRedisBackend
 
 _POLL_S = 0.02
 

@@ -7,9 +7,9 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from producer.stats_table import render_dead_letters
-from worker.admission import expired
 from worker.celeryconfig import celery_config, publish_retry_policy
-from worker.results import backend_url
+from worker.delivery.admission import expired
+from worker.delivery.results import backend_url
 from worker.settings import Settings
 
 
@@ -24,7 +24,7 @@ def test_the_publish_retries_wait_about_the_budget(budget):
 def test_worker_side_publishes_and_the_backend_use_the_publish_budget():
     from celery import Celery
 
-    from worker.results import MarkingRedisBackend
+    from worker.delivery.results import MarkingRedisBackend
 
     config = celery_config(Settings.from_env({"PUBLISH_RETRY_S": "30"}, dotenv=False))
     assert config["task_publish_retry"] is True
@@ -55,8 +55,8 @@ def test_only_a_replaced_task_past_its_expiry_has_expired():
 
 
 def test_redis_results_go_through_the_marking_backend():
-    assert backend_url("redis://:pw@host:6379/1") == "worker.results:MarkingRedisBackend+redis://:pw@host:6379/1"
-    assert backend_url("rediss://host:6380/1?ssl_cert_reqs=required").startswith("worker.results:")
+    assert backend_url("redis://:pw@host:6379/1") == "worker.delivery.results:MarkingRedisBackend+redis://:pw@host:6379/1"
+    assert backend_url("rediss://host:6380/1?ssl_cert_reqs=required").startswith("worker.delivery.results:")
     assert backend_url("sentinel://h1:26379/1") == "sentinel://h1:26379/1"
 
 

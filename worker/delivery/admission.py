@@ -1,4 +1,4 @@
-"""What the consumer checks before a message becomes a task (:class:`worker.delivery.RedisRestoringConsumer`).
+"""What the consumer checks before a message becomes a task (:class:`worker.delivery.consumer.RedisRestoringConsumer`).
 
 - **Size**: a body over ``MAX_MESSAGE_BYTES`` is refused before anything decodes it: its task
   fails with ``InvalidInput`` and the message is dead-lettered without its body.
@@ -6,7 +6,7 @@
   ``ModelUnavailable`` saying so (Celery would mark it revoked as "expired").
 - **Redelivery** (kombu marks a message it gives back: a process that died running it, a Redis
   restart, a requeue): a task that already succeeded (``spam-done-<id>``, written with its result
-  by :mod:`worker.results`) is acknowledged without running again, even when its caller deleted
+  by :mod:`worker.delivery.results`) is acknowledged without running again, even when its caller deleted
   the result. Otherwise its delivery is counted in ``spam-attempts-<id>`` (a TTL'd Redis key the
   task's final result deletes); past ``MAX_TASK_ATTEMPTS`` deliveries it is dead-lettered, and
   each delivery again is logged with the task id and count, so a worker that keeps dying says why.
@@ -23,8 +23,8 @@ from datetime import UTC, datetime
 from kombu.utils.encoding import bytes_to_str
 
 from producer.contract import InvalidInput, ModelUnavailable, TaskDeadLettered
-from worker import dead_letters
-from worker.results import ATTEMPTS_PREFIX, DONE_PREFIX
+from worker.delivery import dead_letters
+from worker.delivery.results import ATTEMPTS_PREFIX, DONE_PREFIX
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)

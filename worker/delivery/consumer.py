@@ -4,9 +4,9 @@ Celery forgets the tasks it received but had not handed to a pool process when t
 connection drops, counting on the broker to requeue them, which kombu's Redis transport fails to do
 while Redis is down. This consumer requeues exactly those after reconnecting (and none a pool
 process will run anyway) and retries the transport's bookkeeping writes while Redis restarts.
-Every message passes :mod:`worker.admission` first (size, redelivery count, already succeeded,
+Every message passes :mod:`worker.delivery.admission` first (size, redelivery count, already succeeded,
 expired), and a worker that sends to a model queue it does not serve fails what expires there
-(:mod:`worker.expiry`). Measured in ``docs/fault-figures.md``.
+(:mod:`worker.delivery.expiry`). Measured in ``docs/fault-figures.md``.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from celery.worker import state as worker_state
 from celery.worker.consumer import Consumer
 
 from producer.contract import queue_for
-from worker import expiry
-from worker.admission import Admission
+from worker.delivery import expiry
+from worker.delivery.admission import Admission
 
 _log = logging.getLogger(__name__)
 

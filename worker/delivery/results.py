@@ -7,7 +7,7 @@ producer's ``forget()``, which frees Redis) makes that lookup miss, and a late r
 lost to a Redis restart, a process that died after storing its result) runs the task again. So
 every SUCCESS also writes ``spam-done-<task id>``, in the same round trip, kept as long as a
 redelivery can come late (the visibility timeout, plus a minute for the restore sweep); the
-consumer checks it (:mod:`worker.admission`). A task's final result also ends its attempt count.
+consumer checks it (:mod:`worker.delivery.admission`). A task's final result also ends its attempt count.
 Every command of this backend rides out a Redis outage of ``PUBLISH_RETRY_S``.
 """
 

@@ -6,7 +6,7 @@ task for a model it lacks to that model's queue, each with Celery's ``expires`` 
 with no EXAONE worker at all, nobody ever does, and the caller waits until its own timeout. So a
 worker that sends to a queue it does not serve looks at the oldest messages waiting there every
 few seconds, and takes each such message past its expiry off the queue (``LREM``: a worker that
-took it first keeps it) and fails its task with ``ModelUnavailable`` (:mod:`worker.dead_letters`).
+took it first keeps it) and fails its task with ``ModelUnavailable`` (:mod:`worker.delivery.dead_letters`).
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from datetime import UTC, datetime
 from kombu.utils.json import loads
 
 from producer.contract import ModelUnavailable
-from worker import dead_letters
-from worker.admission import expired, expiry_line
+from worker.delivery import dead_letters
+from worker.delivery.admission import expired, expiry_line
 
 log = logging.getLogger(__name__)
 
