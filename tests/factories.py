@@ -10,6 +10,7 @@ code under test is the real one.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -289,6 +290,18 @@ def perturb_adapter_module(adapter: Path, module_key: str, scale: float = 0.5) -
     gen = torch.Generator().manual_seed(123)
     tensors[hits[0]] = tensors[hits[0]] + scale * torch.randn(tensors[hits[0]].shape, generator=gen)
     save_file(tensors, path, metadata={"format": "pt"})
+
+
+def adapter_versions(adapter: Path, folder: Path) -> dict[str, Path]:
+    """What a rollout flips between, made in ``folder``: ``v1`` (a copy of the EXAONE-layout
+    ``adapter``), ``v2`` (one module retrained) and ``current``, a relative symlink to v1."""
+    folder.mkdir(parents=True, exist_ok=True)
+    v1, v2 = folder / "v1", folder / "v2"
+    shutil.copytree(adapter, v1)
+    shutil.copytree(adapter, v2)
+    perturb_adapter_module(v2, "h.1.mlp.c_proj", scale=0.5)
+    (folder / "current").symlink_to("v1")
+    return {"v1": v1, "v2": v2, "current": folder / "current"}
 
 
 def adapter_module_keys(adapter: Path) -> list[str]:

@@ -31,18 +31,6 @@ from worker.serving.prompt import FILE_NAME
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-def adapters(models, tmp_path) -> dict[str, Path]:
-    """v1 (the session's adapter), v2 (one module retrained) and ``current``, a symlink to v1."""
-    v1, v2 = tmp_path / "v1", tmp_path / "v2"
-    shutil.copytree(models.exaone_adapter, v1)
-    shutil.copytree(models.exaone_adapter, v2)
-    factories.perturb_adapter_module(v2, "h.1.mlp.c_proj", scale=0.5)
-    current = tmp_path / "current"
-    current.symlink_to(v1)
-    return {"v1": v1, "v2": v2, "current": current}
-
-
 def cli_reload(worker, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "producer", "reload", "--timeout", "180", *args], cwd=ROOT,
                           text=True, capture_output=True, timeout=240,
@@ -338,11 +326,7 @@ def test_a_reload_follows_the_settings_file_and_relative_links_as_compose_mounts
     environment), adapters under ./artifacts behind a relative symlink."""
     app = tmp_path / "app"
     exaone = app / "artifacts" / "exaone"
-    exaone.mkdir(parents=True)
-    shutil.copytree(models.exaone_adapter, exaone / "v1")
-    shutil.copytree(models.exaone_adapter, exaone / "v2")
-    factories.perturb_adapter_module(exaone / "v2", "h.1.mlp.c_proj", scale=0.5)
-    (exaone / "current").symlink_to("v1")
+    factories.adapter_versions(models.exaone_adapter, exaone)  # current -> v1, a relative link
     (app / ".env").write_text("EXAONE_ADAPTER_DIR=artifacts/exaone/current\n")
     env = {k: v for k, v in models.env(PRELOAD_MODELS="exaone", SNAPSHOT_DIR=str(tmp_path / "snapshots")).items()
            if k != "EXAONE_ADAPTER_DIR"}

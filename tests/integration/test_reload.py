@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 
 from producer.reload import EXIT_OK, EXIT_REFUSED, exit_code, reload_fleet
-from tests import factories
 from tests.conftest import ROOT, free_port
 from tests.integration.helpers import client_for, wait_until_serving
 from tests.integration.test_stats import _metrics
@@ -28,18 +27,6 @@ pytestmark = pytest.mark.integration
 
 TEXTS = ["무료 쿠폰 당첨! 지금 바로 링크를 클릭하세요", "내일 회의는 오후 3시에 시작합니다",
          "대출 승인 완료 010-1234-5678", "엄마 오늘 저녁 같이 먹어요"]
-
-
-@pytest.fixture
-def adapters(models, tmp_path) -> dict[str, Path]:
-    """v1 (the session's adapter), v2 (one module retrained) and ``current``, a symlink to v1."""
-    v1, v2 = tmp_path / "v1", tmp_path / "v2"
-    shutil.copytree(models.exaone_adapter, v1)
-    shutil.copytree(models.exaone_adapter, v2)
-    factories.perturb_adapter_module(v2, "h.1.mlp.c_proj", scale=0.5)
-    current = tmp_path / "current"
-    current.symlink_to(v1)
-    return {"v1": v1, "v2": v2, "current": current}
 
 
 def flip(link: Path, target: Path) -> None:

@@ -36,12 +36,8 @@ def test_settings_read_back_from_their_variables(models, tmp_path):
 def test_a_load_reads_the_files_its_links_named_when_it_was_pinned(models, tmp_path):
     """A symlink flipped during a load cannot mix two versions: the load reads the real folder that
     the link named when the settings were pinned, and its version is that folder's."""
-    v1, v2 = tmp_path / "v1", tmp_path / "v2"
-    shutil.copytree(models.exaone_adapter, v1)
-    shutil.copytree(models.exaone_adapter, v2)
-    factories.perturb_adapter_module(v2, "h.1.mlp.c_proj", scale=0.5)
-    link = tmp_path / "current"
-    link.symlink_to(v1)
+    versions = factories.adapter_versions(models.exaone_adapter, tmp_path)
+    v1, v2, link = versions["v1"], versions["v2"], versions["current"]
     settings = settings_for(models, tmp_path, EXAONE_ADAPTER_DIR=str(link), MODEL_LOADER="transformers")
     pinned = pin(settings)
     assert pinned.exaone_adapter_dir == str(v1.resolve()) and pinned.exaone_model == str(models.exaone.resolve())
