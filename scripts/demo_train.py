@@ -22,6 +22,7 @@ import json
 import string
 import sys
 import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,9 +97,26 @@ def _log(msg: str) -> None:
     print(f"demo: {msg}", file=sys.stderr, flush=True)
 
 
-def _batches(n: int, size: int, gen: torch.Generator) -> list[list[int]]:
-    order = torch.randperm(n, generator=gen).tolist()
-    return [order[i:i + size] for i in range(0, n, size)]
+def _epochs(n: int, size: int, epochs: int, seed: int) -> Iterator[list[int]]:
+    """The batches of ``epochs`` passes over ``n`` examples, each pass in a new seeded order."""
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=gen).tolist()
+        yield from (order[i:i + size] for i in range(0, n, size))
+
+
+def _fit(model, batches: Iterable, loss_of: Callable[[object], torch.Tensor], lr: float, steps: int) -> None:
+    """Train ``model``'s trainable weights one step per batch (``loss_of(batch)``, :func:`_optimizer`'s
+    schedule over ``steps``), and leave it in eval mode."""
+    optim, schedule = _optimizer(model, lr, steps)
+    model.train()
+    for batch in batches:
+        loss = loss_of(batch)
+        optim.zero_grad()
+        loss.backward()
+        optim.step()
+        schedule.step()
+    model.eval()
 
 
 def _optimizer(model, lr: float, steps: int):
@@ -142,20 +160,13 @@ def train_koelectra(base: Path, out: Path, train: list[demo_data.Example], seed:
     model = get_peft_model(model, lora)
     enc = tokenizer([e.text for e in train], truncation=True, max_length=128, padding=True, return_tensors="pt")
     y = torch.tensor([int(e.label == "spam") for e in train])
-    optim, schedule = _optimizer(model, lr, epochs * -(-len(train) // batch_size))
-    gen = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(epochs):
-        for idx in _batches(len(train), batch_size, gen):
-            mask = enc["attention_mask"][idx]
-            width = int(mask.sum(1).max())
-            loss = model(input_ids=enc["input_ids"][idx, :width], attention_mask=mask[:, :width],
-                         labels=y[idx]).loss
-            optim.zero_grad()
-            loss.backward()
-            optim.step()
-            schedule.step()
-    model.eval()
+
+    def loss(idx: list[int]) -> torch.Tensor:
+        mask = enc["attention_mask"][idx]
+        width = int(mask.sum(1).max())
+        return model(input_ids=enc["input_ids"][idx, :width], attention_mask=mask[:, :width], labels=y[idx]).loss
+
+    _fit(model, _epochs(len(train), batch_size, epochs, seed), loss, lr, epochs * -(-len(train) // batch_size))
     model.save_pretrained(out)
     (out / "config.json").write_text(json.dumps({"id2label": {"0": "ham", "1": "spam"}}, indent=1))
     return out
@@ -241,21 +252,20 @@ def train_exaone(base: Path, out: Path, train: list[demo_data.Example], seed: in
     model = get_peft_model(model, lora)
     input_ids, mask, target = _encode(tokenizer, contract, [e.text for e in train],
                                       [spam_ids if e.label == "spam" else ham_ids for e in train])
-    optim, schedule = _optimizer(model, lr, epochs * -(-len(train) // batch_size))
-    gen = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(epochs):
-        for idx in _batches(len(train), batch_size, gen):
-            width = int(mask[idx].sum(1).max())
-            logits, gold = _label_logits(model, input_ids[idx, :width], mask[idx, :width], target[idx, :width])
-            loss = torch.nn.functional.cross_entropy(logits, gold)
-            optim.zero_grad()
-            loss.backward()
-            optim.step()
-            schedule.step()
-    model.eval()
+
+    def loss(idx: list[int]) -> torch.Tensor:
+        width = int(mask[idx].sum(1).max())
+        return label_loss(model, input_ids[idx, :width], mask[idx, :width], target[idx, :width])
+
+    _fit(model, _epochs(len(train), batch_size, epochs, seed), loss, lr, epochs * -(-len(train) // batch_size))
     save_remote_adapter(model, out, base)
     return out
+
+
+def label_loss(peft_model, input_ids, mask, target) -> torch.Tensor:
+    """Cross-entropy of the label tokens alone (teacher-forced), what the EXAONE adapters train on."""
+    logits, gold = _label_logits(peft_model, input_ids, mask, target)
+    return torch.nn.functional.cross_entropy(logits, gold)
 
 
 def _label_logits(peft_model, input_ids, mask, target):

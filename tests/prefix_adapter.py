@@ -91,18 +91,10 @@ def _train(root: Path, steps: int, seed: int, lr: float) -> Trained:
     target = torch.tensor([t + [-100] * (width - len(t)) for t in targets])
     model = get_peft_model(demo_train.load_exaone_native(base), LoraConfig(
         task_type="CAUSAL_LM", r=8, lora_alpha=16, lora_dropout=0.0, target_modules=factories.LLAMA_TARGETS))
-    optim, schedule = demo_train._optimizer(model, lr, steps)
     gen = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(steps):
-        idx = torch.randperm(len(rows), generator=gen)[:BATCH]
-        logits, gold = demo_train._label_logits(model, input_ids[idx], mask[idx], target[idx])
-        loss = torch.nn.functional.cross_entropy(logits, gold)
-        optim.zero_grad()
-        loss.backward()
-        optim.step()
-        schedule.step()
-    model.eval()
+    batches = (torch.randperm(len(rows), generator=gen)[:BATCH] for _ in range(steps))
+    demo_train._fit(model, batches, lambda idx: demo_train.label_loss(model, input_ids[idx], mask[idx], target[idx]),
+                    lr, steps)
     demo_train.save_remote_adapter(model, adapter, base)
     return Trained(base, adapter, model.merge_and_unload().eval(), tokenizer, heldout)
 
