@@ -31,9 +31,10 @@ import logging
 import sys
 from pathlib import Path
 
+from producer import connection
 from producer.client import SpamClient
 from producer.contract import MODELS, InvalidInput
-from producer.files import INPUT_FORMATS, OUTPUT_FORMATS, detect_format
+from producer.files import INPUT_FORMATS, LABEL_HINT, OUTPUT_FORMATS, detect_format
 from producer.jobs import BatchJob, JobError, JobSpec
 from producer.settings import ProducerSettingsError
 
@@ -88,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("evaluate", help="score a labeled .csv/.jsonl file and write a metrics report (JSON)",
                         **common)
-    ev.add_argument("input", type=Path, help="records with a text and a spam/ham, 스팸/정상, 1/0 or true/false label")
+    ev.add_argument("input", type=Path, help=f"records with a text and a {LABEL_HINT} label")
     ev.add_argument("--out", type=Path, required=True, help="the report (JSON)")
     ev.add_argument("--plot", type=Path, help="also draw score histograms, PR curves and the cascade (PNG)")
     ev.add_argument("--model", choices=("auto", "koelectra", "exaone", "all"), default="auto",
@@ -131,9 +132,6 @@ def main(argv: list[str] | None = None) -> int:
 def describe(exc: BaseException, timeout: float) -> tuple[int, str]:
     """The exit code and message for a failure: see the module docstring."""
     from celery.exceptions import TimeoutError as ResultTimeout
-    from kombu.exceptions import OperationalError
-    from redis.exceptions import ConnectionError as RedisConnectionError
-    from redis.exceptions import TimeoutError as RedisTimeout
 
     if isinstance(exc, CliError):
         return exc.code, str(exc)
@@ -143,7 +141,7 @@ def describe(exc: BaseException, timeout: float) -> tuple[int, str]:
         return EXIT_INVALID, str(exc)
     if isinstance(exc, ResultTimeout):
         return EXIT_TIMEOUT, f"no result within {timeout:g} s (--timeout)"
-    if isinstance(exc, OperationalError | RedisConnectionError | RedisTimeout | ConnectionError):
+    if connection.lost_connection(exc):
         return EXIT_UNREACHABLE, f"lost the connection to Redis: {exc}"
     from producer.evaluate import EvaluationError, MissingExtra
 

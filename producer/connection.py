@@ -17,6 +17,7 @@ producer and the workers cannot drift.
 from __future__ import annotations
 
 import socket
+from collections.abc import Iterator
 from urllib.parse import parse_qsl, urlsplit
 
 VERIFYING = ("required", "CERT_REQUIRED", "optional", "CERT_OPTIONAL")
@@ -38,11 +39,7 @@ def tls_problem(url: str, insecure_allowed: bool) -> str | None:
     ``REDIS_TLS_INSECURE=true``. The URL is never quoted back: it may hold the password.
     Several broker URLs (``;``-separated failover) are checked one by one.
     """
-    for part in url.split(";"):
-        parts = urlsplit(part.strip())
-        if parts.scheme != "rediss":
-            continue
-        value = dict(parse_qsl(parts.query)).get("ssl_cert_reqs")
+    for value in _cert_reqs(url):
         if value is None:
             return ("a rediss:// URL must say ssl_cert_reqs=required (and ssl_ca_certs=/path/ca.crt for a "
                     "private CA); without it kombu connects without checking the server's certificate")
@@ -57,9 +54,24 @@ def tls_problem(url: str, insecure_allowed: bool) -> str | None:
 
 def unverified(url: str) -> bool:
     """``url`` (or one of its failover URLs) is ``rediss://`` with certificate checks off."""
-    return any(urlsplit(part.strip()).scheme == "rediss"
-               and dict(parse_qsl(urlsplit(part.strip()).query)).get("ssl_cert_reqs") in NOT_VERIFYING
-               for part in url.split(";"))
+    return any(value in NOT_VERIFYING for value in _cert_reqs(url))
+
+
+def _cert_reqs(url: str) -> Iterator[str | None]:
+    """The ``ssl_cert_reqs`` of each ``rediss://`` URL in ``url`` (``;``-separated failover), None where absent."""
+    for part in url.split(";"):
+        parts = urlsplit(part.strip())
+        if parts.scheme == "rediss":
+            yield dict(parse_qsl(parts.query)).get("ssl_cert_reqs")
+
+
+def lost_connection(exc: BaseException) -> bool:
+    """``exc`` says Redis is unreachable (refused, dropped or timed out), whichever client raised it."""
+    from kombu.exceptions import OperationalError
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeout
+
+    return isinstance(exc, OperationalError | RedisConnectionError | RedisTimeout | ConnectionError)
 
 
 def insecure_warnings(broker_url: str, result_backend: str) -> list[str]:

@@ -22,11 +22,10 @@ from __future__ import annotations
 import logging
 from uuid import uuid4
 
-import redis.exceptions
 from celery import Signature, chord
 from celery.exceptions import Reject, SoftTimeLimitExceeded
-from kombu.exceptions import OperationalError
 
+from producer import connection
 from producer.contract import (
     CLASSIFY,
     CLASSIFY_BATCH,
@@ -59,8 +58,6 @@ log = logging.getLogger(__name__)
 
 _ERRORS = (InvalidInput, ModelUnavailable, ClassificationFailed, SoftTimeLimitExceeded)
 _MAX_FORWARDS = 3  # a task bounced between workers more often than this has nowhere to go
-_BROKER_DOWN = (OperationalError, ConnectionError, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
-"""What a publish raises once ``task_publish_retry_policy`` (``PUBLISH_RETRY_S``) is spent, or causes."""
 
 
 @app.task(bind=True, name=CLASSIFY, throws=_ERRORS)
@@ -227,7 +224,7 @@ def _unreachable(exc: BaseException | None) -> bool:
     result store's "Retry limit exceeded while trying to reconnect", when freezing a chord subscribed
     to its chunks' results)."""
     while exc is not None:
-        if isinstance(exc, _BROKER_DOWN):
+        if connection.lost_connection(exc):
             return True
         exc = exc.__cause__ or exc.__context__
     return False

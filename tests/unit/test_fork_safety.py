@@ -39,7 +39,7 @@ from worker.celery import app
 worker = app.WorkController(pool_cls="prefork", concurrency=2, without_mingle=True, without_gossip=True,
                             hostname="replay@test", loglevel="WARNING")
 from worker.lifecycle import startup
-from worker.telemetry import stats
+from worker.telemetry import folders
 
 reload_outcome = None
 if len(sys.argv) > 1:  # then a reload onto the adapter in argv[1], up to the children's switch
@@ -55,7 +55,7 @@ if len(sys.argv) > 1:  # then a reload onto the adapter in argv[1], up to the ch
     while not reload._reloads[reload_id]["done"]:
         time.sleep(0.1)
     reload_outcome = reload._reloads[reload_id]["models"]["exaone"]
-stats.remove_folder(startup._Shared.stats_folder)  # what the worker's shutdown would do
+folders.remove(startup._Shared.stats_folder)  # what the worker's shutdown would do
 print(json.dumps({"reload": reload_outcome, "calls": calls,
                   "nvml": __import__("os").environ.get("PYTORCH_NVML_BASED_CUDA_CHECK"),
                   "imported": sorted(m for m in ("bitsandbytes", "peft", "transformers", "worker.serving.classifiers")

@@ -60,14 +60,10 @@ def sweep(app, channel, queue: str, hostname: str, now: datetime | None = None) 
     failed = 0
     with channel.conn_or_acquire() as client:
         for raw in client.lrange(queue, -SCAN, -1):  # BRPOP takes from the right: the oldest
-            payload = loads(bytes_to_text(raw))
+            payload = loads(raw)
             if not expired(payload.get("headers") or {}, now) or not client.lrem(queue, 1, raw):
                 continue
             message = channel.Message(payload, channel=channel)
             dead_letters.give_up(app, message, ModelUnavailable(expiry_line(message)), hostname)
             failed += 1
     return failed
-
-
-def bytes_to_text(raw: bytes | str) -> str:
-    return raw.decode("utf-8") if isinstance(raw, bytes) else raw

@@ -14,6 +14,8 @@ from __future__ import annotations
 import logging
 import threading
 
+from kombu.utils.encoding import bytes_to_str
+
 log = logging.getLogger(__name__)
 
 KEY_PREFIX = "spam-workers:visibility-timeout:"
@@ -60,9 +62,9 @@ class Peers:
             client = _client(conn)
             client.set(KEY_PREFIX + self.node, repr(self.value), ex=TTL_S)
             keys = [k for k in client.scan_iter(match=KEY_PREFIX + "*", count=500)
-                    if _text(k) != KEY_PREFIX + self.node]
+                    if bytes_to_str(k) != KEY_PREFIX + self.node]
             values = client.mget(keys) if keys else []
-        peers = {_text(k).removeprefix(KEY_PREFIX): float(v)
+        peers = {bytes_to_str(k).removeprefix(KEY_PREFIX): float(v)
                  for k, v in zip(keys, values, strict=True) if v is not None}
         differing = {node: v for node, v in peers.items() if v != self.value}
         if differing and differing != self.differing:
@@ -87,10 +89,6 @@ def _client(conn):
     a stopping worker must not wait on a Redis that is away."""
     conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0, timeout=5)
     return conn.default_channel.client
-
-
-def _text(key: bytes | str) -> str:
-    return key.decode() if isinstance(key, bytes) else key
 
 
 _peers: Peers | None = None

@@ -207,10 +207,6 @@ def make_folder() -> Path:
     return folders.make(FOLDER_PREFIX, base)
 
 
-def remove_folder(folder: Path) -> None:
-    folders.remove(folder)
-
-
 def collect(folder: Path, live_pids: set[int]) -> dict[str, Any]:
     """Flat, readable keys for ``inspect stats``; files of processes that are gone are deleted."""
     info: dict[str, Any] = {}
