@@ -86,8 +86,6 @@ class Finished:
     key: str
     settings: Settings
     ok: bool
-    version: str = ""
-    error: str = ""
 
 
 def build_key(name: str, settings: Settings) -> str:
@@ -122,10 +120,10 @@ class Builds:
     def running(self, name: str) -> bool:
         return name in self._jobs
 
-    def cancel(self, name: str, keep: str = "") -> None:
-        """Stop the build of ``name`` (unless it builds ``keep``): a newer version replaced it."""
+    def cancel(self, name: str) -> None:
+        """Stop the build of ``name``: a newer version replaced it."""
         job = self._jobs.get(name)
-        if job is None or job.key == keep:
+        if job is None:
             return
         del self._jobs[name]
         job.process.terminate()
@@ -148,7 +146,7 @@ class Builds:
                 self._done.add(job.key)
                 self._failures.pop(job.key, None)
                 log.info("%s: snapshot built in %.1fs", name, time.monotonic() - job.started)
-                finished.append(Finished(name, job.key, job.settings, True, version=result.get("version", "")))
+                finished.append(Finished(name, job.key, job.settings, True))
                 continue
             count = self._failures.get(job.key, (0, 0.0))[0] + 1
             wait = min(_LAST_RETRY_S, _FIRST_RETRY_S * 2 ** (count - 1))
@@ -156,7 +154,7 @@ class Builds:
             error = result.get("error", "failed")
             log.error("%s: the snapshot build failed (%d time%s), serving on; retrying in %.0fs: %s", name, count,
                       "" if count == 1 else "s", wait, error)
-            finished.append(Finished(name, job.key, job.settings, False, error=error))
+            finished.append(Finished(name, job.key, job.settings, False))
         return finished
 
     def stop(self) -> None:

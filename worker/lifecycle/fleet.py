@@ -154,13 +154,13 @@ class Fleet:
         for name in registry.names():
             classifier = registry.get(name)
             if classifier.loaded.finish is not None:
-                self.builds.want(name, replace(settings, torch_dtype=_dtype_name(classifier)))
+                self.builds.want(name, replace(settings, torch_dtype=classifier.loaded.placement.dtype_name))
         for done in self.builds.poll():
             if not done.ok or not registry.has(done.name):
                 continue
             current = registry.get(done.name)
             if current.loaded.finish is None or done.key != build_key(
-                    done.name, replace(self.accepted_settings, torch_dtype=_dtype_name(current))):
+                    done.name, replace(self.accepted_settings, torch_dtype=current.loaded.placement.dtype_name)):
                 continue  # already switched, or a newer version replaced it meanwhile
             snapshot = load_classifier(done.name, self.accepted_settings)
             if registry.swap(done.name, snapshot, replacing=current):
@@ -168,10 +168,6 @@ class Fleet:
 
     def stop(self) -> None:
         self.builds.stop()
-
-
-def _dtype_name(classifier) -> str:
-    return str(classifier.loaded.placement.dtype).removeprefix("torch.")
 
 
 fleet = Fleet()

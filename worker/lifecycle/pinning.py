@@ -25,21 +25,12 @@ def pin(settings: Settings, names: tuple[str, ...] | None = None) -> Settings:
     """``settings`` with the model, adapter folder and prompt file of each of ``names`` (default: the
     preloaded models) resolved to real paths. What does not exist is left as it is: the load then
     fails on it with its usual message (or downloads a Hub id not cached yet)."""
-    changes: dict[str, str] = {}
-    for name in names if names is not None else settings.preload_models:
-        model = getattr(settings, f"{name}_model")
-        changes[f"{name}_model"] = _real_model(model)
-        for field in (f"{name}_adapter_dir", f"{name}_prompt_file"):
-            value = getattr(settings, field, "")
-            if value:
-                changes[field] = _real(value)
-    return replace(settings, **changes)
+    return replace(settings, **pinned_fields(settings, tuple(names if names is not None else settings.preload_models)))
 
 
 def pinned_fields(settings: Settings, names: tuple[str, ...]) -> dict[str, str]:
     """The model fields of ``names`` as ``pin`` leaves them (what a reload compares and publishes)."""
-    pinned = pin(settings, names)
-    return {f: getattr(pinned, f) for f in model_fields(names)}
+    return {f: _real_field(f, getattr(settings, f)) for f in model_fields(names)}
 
 
 def model_fields(names: tuple[str, ...] | list[str]) -> tuple[str, ...]:
@@ -55,9 +46,16 @@ def describe(configured: Settings, fields: list[str]) -> str:
     parts = []
     for field in fields:
         value = getattr(configured, field, "")
-        real = _real_model(value) if field.endswith("_model") else _real(value) if value else value
+        real = _real_field(field, value)
         parts.append(f"{field.upper()}={value}" + (f" (-> {real})" if real != value else ""))
     return ", ".join(parts)
+
+
+def _real_field(field: str, value: str) -> str:
+    """A model's real folder (or cached Hub snapshot); an adapter or prompt file's real path; empty stays."""
+    if field.endswith("_model"):
+        return _real_model(value)
+    return _real(value) if value else value
 
 
 def _real(value: str) -> str:
@@ -72,9 +70,7 @@ def _real_model(value: str) -> str:
         return os.path.realpath(path)
     if value.startswith(("/", ".", "~")):
         return value
-    try:
-        from huggingface_hub import snapshot_download
+    from worker.lifecycle.versions import local_folder
 
-        return os.path.realpath(snapshot_download(value, local_files_only=True))
-    except Exception:  # noqa: BLE001 - not cached (or not a Hub id): the load downloads or refuses it
-        return value
+    folder = local_folder(value)  # not cached (or not a Hub id): the load downloads or refuses it
+    return os.path.realpath(folder) if folder is not None else value

@@ -38,7 +38,7 @@ from celery.worker.control import control_command
 from worker.errors import ModelLoadError, first_line
 from worker.lifecycle import builds
 from worker.lifecycle.fleet import fleet
-from worker.lifecycle.pinning import describe, model_fields, pin
+from worker.lifecycle.pinning import describe, model_fields, pinned_fields
 from worker.settings import MODEL_NAMES, Settings
 from worker.telemetry.stats import process_stats
 
@@ -83,11 +83,9 @@ def _run(reload_id: str, names: list[str]) -> None:
     configured: Settings | None = None
     try:
         configured = fleet.settings.with_models_reread()
-        fresh = pin(configured, tuple(names))
         served = fleet.served_versions()
-        accepted = fleet.accepted_settings
-        candidate = replace(accepted, **{f: getattr(fresh, f) for f in model_fields(names)})
-        changed = []
+        candidate = replace(fleet.accepted_settings, **pinned_fields(configured, tuple(names)))
+        changed: dict[str, str] = {}  # name -> its new version
         for name in names:
             old = ", ".join(sorted(served.get(name, set()))) or "?"
             try:
@@ -99,7 +97,7 @@ def _run(reload_id: str, names: list[str]) -> None:
                 outcomes[name] = {"outcome": "unchanged", "old": version, "new": version}
             else:
                 outcomes[name] = {"outcome": "checking", "old": old}
-                changed.append(name)
+                changed[name] = version
         if changed:
             _reload(reload_id, candidate, changed, outcomes)
     except ValueError as exc:  # a setting that does not parse
@@ -121,16 +119,16 @@ def _run(reload_id: str, names: list[str]) -> None:
         fleet.reload_lock.release()
 
 
-def _reload(reload_id: str, candidate: Settings, changed: list[str], outcomes: dict[str, dict[str, Any]]) -> None:
+def _reload(reload_id: str, candidate: Settings, changed: dict[str, str], outcomes: dict[str, dict[str, Any]]) -> None:
     """Build what each changed model's new version is served from, if anything, then switch every
     serving process to those versions that loaded (each process loads and checks it before any
     switches)."""
     start = time.perf_counter()
     prepared: dict[str, Any] = {}  # name -> the classifier to swap in (threads/solo)
     versions: dict[str, str] = {}
-    for name in changed:
+    for name, version in changed.items():
         try:
-            versions[name] = _build_first(name, candidate)
+            versions[name] = _build_first(name, candidate, version)
             if not fleet.forks:  # this process serves: load it here, as a start would
                 from worker.lifecycle.registry import load_classifier
 
@@ -159,16 +157,17 @@ def _reload(reload_id: str, candidate: Settings, changed: list[str], outcomes: d
             outcomes[name].update(outcome="switched", switch_s=seconds)
 
 
-def _build_first(name: str, candidate: Settings) -> str:
-    """The new version's ``model_version``, once what its load reads exists: the converted base a
-    plain LoRA adapter is served over (or the merged snapshot of any other), built by a builder
-    process when it is missing, on the CPU in the dtype the model is served in. Deciding reads small
-    files and headers only: nothing here touches a model or CUDA."""
+def _build_first(name: str, candidate: Settings, version: str) -> str:
+    """The new version's ``model_version`` (``version``, already computed from its files), once what
+    its load reads exists: the converted base a plain LoRA adapter is served over (or the merged
+    snapshot of any other), built by a builder process when it is missing, on the CPU in the dtype
+    the model is served in. Deciding reads small files and headers only: nothing here touches a
+    model or CUDA."""
     from worker.loading import get_loader
 
     cpu = replace(candidate, torch_dtype=fleet.served_dtype(name), device="cpu")
     if get_loader(cpu, serve_unmerged=True).prepared(cpu.source(name)):
-        return _version_of(name, candidate)
+        return version
     return builds.run(name, cpu, fleet.settings.load_timeout_s, unmerged=True)
 
 
@@ -222,11 +221,8 @@ def _switch_children(reload_id: str, settings: Settings, names: list[str], versi
 def _reported(figures: dict[str, Any], generation: int) -> bool | str:
     """True when a child is ready for ``generation`` (or a later one of the same reload, published
     when a build ended meanwhile); its error line when it could not prepare."""
-    if (figures.get("reload_generation") or 0) < generation:
-        return False
-    if figures.get("reload_outcome") == "failed":
-        return figures.get("reload_error", "failed")
-    return figures.get("reload_outcome") == "ready"
+    return _failed_at_or_after(figures, generation) or \
+        ((figures.get("reload_generation") or 0) >= generation and figures.get("reload_outcome") == "ready")
 
 
 def _serves(figures: dict[str, Any], versions: dict[str, str]) -> bool:
@@ -270,8 +266,8 @@ def _version_of(name: str, settings: Settings) -> str:
 def _revert_hint(configured: Settings, name: str) -> str:
     """What to point the settings back at, when they now name files the worker refused: a fresh start
     reads the settings, and would fail on them."""
-    accepted, now = fleet.accepted_settings, pin(configured, (name,))
-    differs = [f for f in model_fields((name,)) if getattr(now, f) != getattr(accepted, f)]
+    accepted = fleet.accepted_settings
+    differs = [f for f, value in pinned_fields(configured, (name,)).items() if value != getattr(accepted, f)]
     if not differs:
         return ""
     back = ", ".join(f"{f.upper()} at {getattr(accepted, f) or '(empty)'}" for f in differs)

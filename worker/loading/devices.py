@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from worker.serving.score import precision_of
 from worker.settings import Settings
 
 if TYPE_CHECKING:
@@ -26,6 +27,16 @@ class Placement:
     quantization: str | None
     """``4bit`` or ``8bit`` (bitsandbytes), or None."""
     max_memory_gb: float | None
+
+    @property
+    def dtype_name(self) -> str:
+        """``float32``, ``bfloat16``...: the dtype as settings, results and figures name it."""
+        return str(self.dtype).removeprefix("torch.")
+
+    @property
+    def precision(self) -> str:
+        """What the weights compute in: ``nf4``/``int8`` when quantized, else :attr:`dtype_name`."""
+        return precision_of(self.dtype_name, self.quantization)
 
     @classmethod
     def for_model(cls, name: str, settings: Settings) -> Placement:

@@ -59,17 +59,23 @@ class _QuantizedSizes:
         return param.element_size()
 
 
-def plan_device_map(plan: LoadPlan, dtype: torch.dtype, quantization: str | None, gpu: int,
-                    cap_gb: float) -> DeviceMapPlan:
-    """Where each layer of ``plan``'s model goes with ``cap_gb`` GiB on GPU ``gpu`` and the rest in
-    CPU memory; computed on the meta device (no weights read, no GPU touched)."""
+def meta_model(plan: LoadPlan, dtype: torch.dtype) -> torch.nn.Module:
+    """``plan``'s model on the meta device: every parameter's name, shape and dtype, no weights."""
     from accelerate import init_empty_weights
-    from transformers.integrations.accelerate import compute_module_sizes, infer_auto_device_map
 
     config = copy.deepcopy(plan.config)  # building a model may set attributes on its config
     with init_empty_weights():  # an Auto class has from_config; a concrete one (Llama's head) _from_config
         build = getattr(plan.model_class, "from_config", None) or plan.model_class._from_config
-        model = build(config, dtype=dtype)
+        return build(config, dtype=dtype)
+
+
+def plan_device_map(plan: LoadPlan, dtype: torch.dtype, quantization: str | None, gpu: int,
+                    cap_gb: float) -> DeviceMapPlan:
+    """Where each layer of ``plan``'s model goes with ``cap_gb`` GiB on GPU ``gpu`` and the rest in
+    CPU memory; computed on the meta device (no weights read, no GPU touched)."""
+    from transformers.integrations.accelerate import compute_module_sizes, infer_auto_device_map
+
+    model = meta_model(plan, dtype)
     sizes_by = _QuantizedSizes({"4bit": 0.5, "8bit": 1.0}[quantization]) if quantization else None
     no_split = model._no_split_modules
     cpu_room = sum(p.numel() * 4 for p in model.parameters()) + _GB  # enough for all of it: never "disk"

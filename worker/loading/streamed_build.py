@@ -24,7 +24,6 @@ missing or of the wrong shape, adapters other than plain LoRA.
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import time
@@ -38,6 +37,7 @@ import torch
 from worker.errors import ModelLoadError
 from worker.loading import lora
 from worker.loading.adapters import check_fits
+from worker.loading.memory_cap import meta_model
 from worker.loading.plan import LoadPlan
 from worker.loading.safetensors_stream import (
     Entry,
@@ -164,7 +164,7 @@ def prepare(plan: LoadPlan, dtype: torch.dtype, files: list[Path], source: str |
         raise Unstreamable("the adapter is not plain LoRA")
     if not files or any(f.suffix != ".safetensors" for f in files):
         raise Unstreamable("the weights are not all safetensors files")
-    skeleton = _skeleton(plan, dtype)
+    skeleton = meta_model(plan, dtype)
     if skeleton.is_remote_code():
         raise Unstreamable("the model class is remote code")
     if skeleton._get_dtype_plan(dtype):
@@ -216,16 +216,6 @@ def prepare(plan: LoadPlan, dtype: torch.dtype, files: list[Path], source: str |
     config.architectures = [type(skeleton).__name__]
     return StreamedSnapshot(plan.name, written, config, _generation_config(skeleton, source),
                             lora.scale(adapter) if pairs else 1.0)
-
-
-def _skeleton(plan: LoadPlan, dtype: torch.dtype) -> Any:
-    """The model on the meta device: every parameter's name, shape and dtype, no weights."""
-    from accelerate import init_empty_weights
-
-    config = copy.deepcopy(plan.config)
-    with init_empty_weights():
-        build = getattr(plan.model_class, "from_config", None) or plan.model_class._from_config
-        return build(config, dtype=dtype)
 
 
 def _renamings(skeleton: Any) -> list[Any]:

@@ -23,7 +23,7 @@ import torch
 from worker.loading.base import LoadedModel
 from worker.loading.plan import PROMPT
 from worker.serving.prompt import BUILT_IN
-from worker.serving.score import Score, precision_of
+from worker.serving.score import Score
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ class SpamClassifier:
         self.is_prompt = loaded.head == PROMPT
         self.spam_index = loaded.plan.spam_index
         placement = loaded.placement
-        self.precision = precision_of(str(placement.dtype).removeprefix("torch."), placement.quantization)
+        self.precision = placement.precision
         """What every score says it was computed in: ``float32``, ``bfloat16``, ``nf4``, ..."""
         self._prompt_overhead = 0
         if self.is_prompt:

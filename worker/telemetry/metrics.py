@@ -17,7 +17,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from worker.serving.score import precision_of
 from worker.telemetry import folders
 
 if TYPE_CHECKING:
@@ -104,7 +103,7 @@ def record_load(name: str, loaded: LoadedModel) -> None:
     if _metrics is None:
         return
     p = loaded.placement
-    served = (loaded.version, precision_of(str(p.dtype).removeprefix("torch."), p.quantization))
+    served = (loaded.version, p.precision)
     previous = _served.get(name)
     if previous is not None and previous != served:  # a reload: the old version is no longer served
         _metrics.info.labels(name, *previous).set(0)
@@ -112,7 +111,7 @@ def record_load(name: str, loaded: LoadedModel) -> None:
     for stage, seconds in loaded.timings.items():
         _metrics.load_seconds.labels(name, stage).set(seconds)
     _metrics.info.labels(name, *served).set(1)
-    _metrics.load_bytes.labels(name, loaded.source, str(p.device), str(p.dtype).removeprefix("torch."),
+    _metrics.load_bytes.labels(name, loaded.source, str(p.device), p.dtype_name,
                                p.quantization or "none").set(loaded.bytes_read)
 
 

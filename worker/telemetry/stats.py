@@ -24,7 +24,6 @@ from pathlib import Path
 from statistics import quantiles
 from typing import TYPE_CHECKING, Any
 
-from worker.serving.score import precision_of
 from worker.telemetry import folders, metrics
 
 if TYPE_CHECKING:
@@ -74,9 +73,9 @@ def load_figures(loaded: LoadedModel) -> dict[str, Any]:
         "bytes_read_mb": round(loaded.bytes_read / 2**20, 1),
         "read_gbps": round(loaded.bytes_read / 1e9 / read_s, 2) if read_s > 0 else 0.0,
         "device": str(placement.device),
-        "dtype": str(placement.dtype).removeprefix("torch."),
+        "dtype": placement.dtype_name,
         "quantization": placement.quantization or "none",
-        "precision": precision_of(str(placement.dtype).removeprefix("torch."), placement.quantization),
+        "precision": placement.precision,
         # Modules per device when a device map placed the model (MAX_MEMORY_GB): "cuda:0 30, cpu 6".
         "device_map": summarize(getattr(loaded.model, "hf_device_map", None)) or str(placement.device),
     }
