@@ -24,7 +24,7 @@ import redis
 
 from producer.contract import CLASSIFY, DEAD_LETTER_LIST, TaskDeadLettered
 from tests.integration.gates import FAULT_APP, Gates
-from tests.integration.helpers import client_for, wait_until_serving
+from tests.integration.helpers import client_for, pool_children, wait_until_serving
 from tests.redis_process import RedisProcess
 
 pytestmark = pytest.mark.integration
@@ -346,7 +346,7 @@ def test_requests_a_pool_holds_run_once_across_a_connection_loss(worker_factory,
     pids = set(gates.held("busy", count=len(busy), workers=[worker]).values())
     stopped = None
     if pool == "prefork":  # the idle child is stopped: a job written to it waits in its pipe, not taken
-        stopped = next(p for p in psutil.Process(worker.process.pid).children() if p.pid not in pids)
+        stopped = next(p for p in pool_children(worker) if p.pid not in pids)
         stopped.send_signal(signal.SIGSTOP)
         writes = _node_stats(client)["pool"]["writes"]["total"]
         in_child = send(CLASSIFY, args=["파이프 안"], kwargs={"model": "koelectra"})

@@ -13,18 +13,26 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
-import psutil
 import pytest
 from filelock import FileLock
 
 from producer.reload import EXIT_OK, EXIT_REFUSED, exit_code, reload_fleet
 from tests import factories
 from tests.conftest import ROOT
-from tests.integration.helpers import client_for, wait_until_serving
-from tests.integration.test_reload import TEXTS, flip, served, wait_for_snapshots
+from tests.integration.helpers import (
+    TEXTS,
+    builders,
+    client_for,
+    flip,
+    pool_children,
+    scores,
+    serving_figures,
+    wait_for_snapshots,
+    wait_until,
+    wait_until_serving,
+)
 from tests.prompt_reference import KOREAN
 from worker.serving.prompt import FILE_NAME
 
@@ -36,38 +44,6 @@ def cli_reload(worker, *args: str) -> subprocess.CompletedProcess:
                           text=True, capture_output=True, timeout=240,
                           env={**os.environ, "CELERY_BROKER_URL": worker.broker_url,
                                "CELERY_RESULT_BACKEND": worker.backend_url})
-
-
-def _children(worker, builder: bool) -> list[psutil.Process]:
-    found = []
-    for process in psutil.Process(worker.process.pid).children():
-        try:
-            if ("worker.lifecycle.builder" in " ".join(process.cmdline())) == builder:
-                found.append(process)
-        except psutil.Error:  # gone, or a zombie not reaped yet
-            continue
-    return found
-
-
-def pool_children(worker) -> list[psutil.Process]:
-    """The prefork pool's children (not the builder processes the main process also starts)."""
-    return _children(worker, builder=False)
-
-
-def builders(worker) -> list[psutil.Process]:
-    return _children(worker, builder=True)
-
-
-def wait_until(condition, timeout: float, what: str, worker=None):
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        if worker is not None and worker.process.poll() is not None:
-            raise AssertionError(f"worker exited with {worker.process.returncode} waiting for {what}:\n"
-                                 f"{worker.log()[-4000:]}")
-        assert time.monotonic() < deadline, f"{what}: not within {timeout:.0f}s" + \
-            (f"\n{worker.log()[-3000:]}" if worker is not None else "")
-        time.sleep(0.3)
-    return value
 
 
 def snapshot_lock(env: dict[str, str], name: str = "exaone") -> FileLock:
@@ -87,13 +63,9 @@ def snapshot_lock(env: dict[str, str], name: str = "exaone") -> FileLock:
 
 
 def two_without(client, gone: int, figure: str = "version") -> dict | None:
-    """``served(client, figure)`` once two processes serve and ``gone`` is not one of them."""
-    found = served(client, figure)
+    """``serving_figures(client, figure)`` once two processes serve and ``gone`` is not one of them."""
+    found = serving_figures(client, figure)
     return found if len(found) == 2 and gone not in found else None
-
-
-def scores(client) -> list[float]:
-    return [r["spam_score"] for r in client.submit_batch(TEXTS, model="exaone").get(timeout=120)]
 
 
 # --- a refused version reaches no process ------------------------------------------------------------
@@ -114,7 +86,8 @@ def test_a_refused_version_reaches_no_process_not_even_a_respawned_one(worker_fa
     worker = worker_factory(env, pool="prefork", concurrency=2, name=f"refused-{case}")
     client = client_for(worker, timeout=120)
     wait_until_serving(worker, client)
-    before = served(client)
+    wait_for_snapshots(client, 2)  # the reference scores from the snapshot every process serves later
+    before = serving_figures(client)
     (v1,) = {v["exaone"] for v in before.values()}
     expected = scores(client)
 
@@ -152,7 +125,7 @@ def test_a_child_respawned_while_a_reload_prepares_serves_at_once_and_ends_on_th
     client = client_for(worker, timeout=120)
     wait_until_serving(worker, client)
     wait_for_snapshots(client, 2)
-    (v1,) = {v["exaone"] for v in served(client).values()}
+    (v1,) = {v["exaone"] for v in serving_figures(client).values()}
 
     flip(adapters["current"], adapters["v2"])
     stopped, victim = pool_children(worker)
@@ -173,7 +146,7 @@ def test_a_child_respawned_while_a_reload_prepares_serves_at_once_and_ends_on_th
         stopped.send_signal(signal.SIGCONT)
     reloading.join(timeout=300)
     assert exit_code(outcomes) == EXIT_OK, outcomes
-    after = served(client)
+    after = serving_figures(client)
     assert set(after) == {stopped.pid, respawned.pid}
     (v2,) = {v["exaone"] for v in after.values()}
     assert v2 != v1
@@ -229,7 +202,7 @@ def test_a_build_that_dies_leaves_the_worker_serving_and_is_retried(worker_facto
         results = [h.get(timeout=120) for h in [client.submit(t, model="exaone") for t in TEXTS * 4]]
         assert {r["label"] for r in results} <= {"spam", "ham"}
         assert pids != {p.pid for p in pool_children(worker)}, "children were recycled meanwhile"
-    wait_for_snapshots(client, 2, timeout=120)  # the retry, 10 s after the failure
+    wait_for_snapshots(client, 2)  # the retry, 10 s after the failure
     log = worker.log()
     assert "retrying in 10s" in log and log.count("building snapshot") == 2, log[-3000:]
     assert worker.process.poll() is None
@@ -333,12 +306,12 @@ def test_a_reload_follows_the_settings_file_and_relative_links_as_compose_mounts
     worker = worker_factory(env, pool="threads", concurrency=2, name="compose", cwd=app)
     client = client_for(worker)
     wait_until_serving(worker, client, handle=client.submit("준비", model="exaone"))
-    (v1,) = {v["exaone"] for v in served(client).values()}
+    (v1,) = {v["exaone"] for v in serving_figures(client).values()}
 
     flip(exaone / "current", Path("v2"))  # relative: it resolves inside the container too
     (switched,) = reload_fleet(client.app, model="exaone", timeout=180)
     assert switched.ok and f"exaone {v1} -> " in switched.line, switched
-    (v2,) = {v["exaone"] for v in served(client).values()}
+    (v2,) = {v["exaone"] for v in serving_figures(client).values()}
 
     (app / ".env").write_text("EXAONE_ADAPTER_DIR=artifacts/exaone/v1\n")  # an edit of the mounted file
     (back,) = reload_fleet(client.app, model="exaone", timeout=180)

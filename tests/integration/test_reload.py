@@ -16,7 +16,7 @@ import pytest
 
 from producer.reload import EXIT_OK, EXIT_REFUSED, exit_code, reload_fleet
 from tests.conftest import ROOT, free_port
-from tests.integration.helpers import client_for, wait_until_serving
+from tests.integration.helpers import TEXTS, client_for, flip, serving_figures, wait_for_snapshots, wait_until_serving
 from tests.integration.test_stats import _metrics
 from tests.prompt_reference import KOREAN
 from worker.lifecycle.registry import load_classifier
@@ -25,44 +25,11 @@ from worker.settings import Settings
 
 pytestmark = pytest.mark.integration
 
-TEXTS = ["무료 쿠폰 당첨! 지금 바로 링크를 클릭하세요", "내일 회의는 오후 3시에 시작합니다",
-         "대출 승인 완료 010-1234-5678", "엄마 오늘 저녁 같이 먹어요"]
-
-
-def flip(link: Path, target: Path) -> None:
-    tmp = link.with_name(link.name + ".new")
-    tmp.symlink_to(target)
-    tmp.replace(link)
-
-
 def reference(models, adapter: Path, tmp_path: Path) -> list[float]:
     """The scores a worker started fresh on ``adapter`` gives: the same load, in this process."""
     settings = Settings.from_env(models.env(EXAONE_ADAPTER_DIR=str(adapter), SNAPSHOT_DIR=str(tmp_path / "ref")),
                                  dotenv=False)
     return [s.spam_score for s in load_classifier("exaone", settings).score(TEXTS)]
-
-
-def served(client, figure: str = "version") -> dict[int, dict[str, str]]:
-    """{pid: {model: figure}} of every serving process of the workers on ``client``'s broker."""
-    stats = client.app.control.inspect(timeout=2.0).stats() or {}
-    out: dict[int, dict[str, str]] = {}
-    for figures in stats.values():
-        for key, value in figures.items():
-            parts = key.split(".")
-            if len(parts) == 4 and parts[3] == figure:
-                out.setdefault(int(parts[1].removeprefix("pid")), {})[parts[2]] = value
-    return out
-
-
-def wait_for_snapshots(client, processes: int, timeout: float = 240) -> None:
-    """Until ``processes`` serving processes serve every model from its built snapshot."""
-    deadline = time.monotonic() + timeout
-    while True:
-        sources = served(client, "source")
-        if len(sources) >= processes and all(s == "snapshot" for p in sources.values() for s in p.values()):
-            return
-        assert time.monotonic() < deadline, f"not all serving from snapshots: {sources}"
-        time.sleep(0.5)
 
 
 @pytest.mark.parametrize(("pool", "concurrency"), [("prefork", 2), ("threads", 8)])
@@ -74,7 +41,7 @@ def test_a_stream_of_tasks_runs_through_a_reload_exactly_once(worker_factory, mo
     worker = worker_factory(env, pool=pool, concurrency=concurrency, name=f"reload-{pool}")
     client = client_for(worker)
     wait_until_serving(worker, client)
-    before = served(client)
+    before = serving_figures(client)
     old = {v["exaone"] for v in before.values()}
     assert len(old) == 1 and len(before) == (concurrency if pool == "prefork" else 1)
 
@@ -103,7 +70,7 @@ def test_a_stream_of_tasks_runs_through_a_reload_exactly_once(worker_factory, mo
     assert exit_code(outcomes) == EXIT_OK, outcomes
     (outcome,) = outcomes
     assert re.search(r"exaone [0-9a-f]{12} -> [0-9a-f]{12}", outcome.line) and "koelectra unchanged" in outcome.line
-    after = served(client)
+    after = serving_figures(client)
     assert set(after) == set(before), "no process restarted"
     (new,) = {v["exaone"] for v in after.values()}
     assert new != old.pop()
@@ -149,7 +116,7 @@ def test_a_version_that_cannot_load_is_refused_and_the_old_one_serves(worker_fac
     client = client_for(worker)
     wait_until_serving(worker, client)
     wait_for_snapshots(client, 2)  # the first start served from the checkpoint until its snapshot was built
-    before = served(client)
+    before = serving_figures(client)
     scores = [r["spam_score"] for r in client.submit_batch(TEXTS, model="exaone").get(timeout=60)]
 
     flip(adapters["current"], bad)
@@ -163,7 +130,7 @@ def test_a_version_that_cannot_load_is_refused_and_the_old_one_serves(worker_fac
              "bad-prompt": "labels.ham: must be a non-empty string"}[case]
     assert re.match(r"\S+@\S+: exaone refused, still serving [0-9a-f]{12}: ", line), line
     assert "cannot load model 'exaone'" in line and cause in line
-    assert served(client) == before
+    assert serving_figures(client) == before
     again = client.submit_batch(TEXTS, model="exaone").get(timeout=60)
     assert [r["spam_score"] for r in again] == scores
     assert worker.process.poll() is None
@@ -180,7 +147,7 @@ def test_two_workers_on_one_snapshot_dir_build_once_and_a_second_reload_is_uncha
     client = client_for(first)
     wait_until_serving(first, client)
     deadline = time.monotonic() + 180
-    while len(served(client)) < 3:  # both workers up: two prefork children and one threads process
+    while len(serving_figures(client)) < 3:  # both workers up: two prefork children and one threads process
         assert time.monotonic() < deadline and second.process.poll() is None, second.log()[-3000:]
         time.sleep(0.5)
     wait_for_snapshots(client, 3)  # the first start's builds are done
@@ -193,7 +160,7 @@ def test_two_workers_on_one_snapshot_dir_build_once_and_a_second_reload_is_uncha
     assert all("exaone" in o.line and "->" in o.line for o in outcomes)
     wait_for_snapshots(client, 3)  # each process serves the new adapter unmerged, then its snapshot
     assert built() == start_builds + 1, "the new snapshot is built once per host"
-    versions = {v["exaone"] for v in served(client).values()}
+    versions = {v["exaone"] for v in serving_figures(client).values()}
     assert len(versions) == 1
 
     again = reload_fleet(client.app, timeout=60)

@@ -10,7 +10,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import pytest
 import redis
 
 from tests.conftest import free_port
-from tests.integration.helpers import client_for, wait_until_serving
+from tests.integration.helpers import client_for, wait_until, wait_until_serving
 
 pytestmark = pytest.mark.integration
 
@@ -42,14 +41,6 @@ def _samples(port: int) -> dict[tuple[str, str], float]:
 
 def _pids(samples: dict[tuple[str, str], float]) -> set[int]:
     return {int(m) for _, labels in samples for m in re.findall(r'pid="(\d+)"', labels)}
-
-
-def _wait_for(what: str, predicate, timeout: float = 120.0):
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        assert time.monotonic() < deadline, f"not reached: {what}"
-        time.sleep(0.3)
-    return value
 
 
 def _folders_of(worker) -> list[Path]:
@@ -78,9 +69,9 @@ def test_two_workers_on_one_host_keep_apart_and_leave_nothing_behind(worker_fact
     node_a, node_b = f"prefork-a-0@{host}", f"threads-b-1@{host}"
 
     # B found A's value at its start; both values, and what differs, are in the stats Flower shows.
-    _wait_for("B's warning", lambda: f"VISIBILITY_TIMEOUT_S is 500 s here but 400 s on {node_a}" in b.log())
+    wait_until(lambda: f"VISIBILITY_TIMEOUT_S is 500 s here but 400 s on {node_a}" in b.log(), 120, "B's warning")
     inspect = client.app.control.inspect(timeout=5)
-    stats = _wait_for("both workers answer", lambda: (s := inspect.stats() or {}) and len(s) == 2 and s)
+    stats = wait_until(lambda: (s := inspect.stats() or {}) and len(s) == 2 and s, 120, "both workers answer")
     assert stats[node_a]["visibility_timeout_s"] == 400 and stats[node_b]["visibility_timeout_s"] == 500
     assert stats[node_b]["visibility_timeout_differs"] == f"{node_a}=400"
 
