@@ -9,7 +9,7 @@ import pytest
 
 from tests import prefix_adapter
 from tests.conftest import free_port
-from tests.integration.helpers import client_for, wait_until_serving
+from tests.integration.helpers import client_for, serving_figures, wait_for_snapshots, wait_until_serving
 
 pytestmark = pytest.mark.integration
 
@@ -48,20 +48,19 @@ def test_prefix_labels_score_as_whole_answers_on_prefork_and_threads(worker_fact
         worker = worker_factory({**env, **extra}, pool=pool, concurrency=concurrency, name=f"prefix-{pool}")
         with client_for(worker) as client:
             wait_until_serving(worker, client)
+            wait_for_snapshots(client, concurrency if pool == "prefork" else 1)  # each pool's scores from one path
             singles = [h.get(timeout=60) for h in [client.submit(t, model="exaone") for t in texts]]
             batch = client.submit_batch(texts, model="exaone").get(timeout=60)
-            stats = client.app.control.inspect(timeout=2.0).stats() or {}
+            precisions = {pid: figures["exaone"] for pid, figures in serving_figures(client, "precision").items()}
         for results in (singles, batch):
             assert [r["spam_score"] for r in results] == pytest.approx(expected, abs=1e-4), pool
             assert [r["label"] for r in results] == ["spam" if s >= 0.5 else "ham" for s in expected]
             assert {r["precision"] for r in results} == {"float32"}
         (version,) = {r["model_version"] for r in singles + batch}
-        precisions = {k: v for s in stats.values() for k, v in s.items() if k.endswith(".exaone.precision")}
         assert set(precisions.values()) == {"float32"} and len(precisions) == (concurrency if pool == "prefork" else 1)
         if pool == "prefork":
-            pids = {int(k.split(".")[1].removeprefix("pid")) for k in precisions}
             info = _info_samples(metrics_port)
-            assert {("exaone", "float32", str(pid)) for pid in pids} <= set(info), info
+            assert {("exaone", "float32", str(pid)) for pid in precisions} <= set(info), info
         seen[pool] = (version, [r["spam_score"] for r in singles])
         worker.stop()
     assert seen["prefork"][0] == seen["threads"][0]
